@@ -1,0 +1,29 @@
+# Each target creates or refreshes the local virtual environment first (idempotent: it reinstalls
+# only when pyproject.toml changed). torch is pinned in pyproject.toml (DESIGN.md §6).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.reca-installed
+LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+
+.PHONY: demo test test-slow env clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/toy_images.py runs/toy --n 64
+	$(LAUNCH) train.py --config configs/tiny.yaml train.output_dir=runs/tiny
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf runs

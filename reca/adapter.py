@@ -1,0 +1,102 @@
+"""The one contract between reca and a unified multimodal model (UMM).
+
+An adapter is a ``torch.nn.Module`` that also satisfies :class:`UMMAdapter`. reca never subclasses
+or registers adapters: a YAML config names the class by import path (``model.adapter:
+my_pkg.my_umm:MyAdapter``) and its typed settings under ``model.args``.
+
+Conventions shared by every adapter:
+
+* pixels are float tensors ``(B, 3, H, W)`` in ``[-1, 1]`` at the adapter's ``resolution``;
+* ``semantic`` tokens are the frozen encoder's patch tokens ``(B, N, D)`` (never pooled);
+* every method that takes a condition takes a :class:`Condition` — either text prompts, or
+  semantic tokens plus one instruction per sample (RecA's reconstruction prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class Condition:
+    """What an image is generated from.
+
+    Exactly one of ``texts`` or ``semantic`` is set. ``instructions`` accompanies ``semantic`` (one per
+    sample; an empty string means "no instruction", see ``recon.instruction_dropout``).
+    """
+
+    texts: list[str] | None = None
+    semantic: torch.Tensor | None = None
+    instructions: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.texts is None) == (self.semantic is None):
+            raise ValueError("Condition needs exactly one of texts= or semantic=")
+        if self.semantic is not None:
+            if self.semantic.ndim != 3:
+                raise ValueError(f"Condition.semantic must be (B, N, D), got {tuple(self.semantic.shape)}")
+            if self.instructions is None:
+                self.instructions = [""] * self.semantic.shape[0]
+            if len(self.instructions) != self.semantic.shape[0]:
+                raise ValueError("Condition.instructions needs one entry per semantic sample")
+
+    def __len__(self) -> int:
+        return len(self.texts) if self.texts is not None else self.semantic.shape[0]  # type: ignore[union-attr]
+
+
+@runtime_checkable
+class UMMAdapter(Protocol):
+    """A unified multimodal model, as the trainer, the evaluation and the probe use it.
+
+    Build/load: ``from_config(args)`` where ``args`` is an instance of the class attribute
+    ``Config`` (a dataclass — its fields are the adapter's YAML keys under ``model.args``).
+    """
+
+    Config: ClassVar[type]
+    #: peft ``target_modules`` used when the config leaves ``lora.target_modules`` empty.
+    default_lora_targets: ClassVar[str | list[str]]
+    #: parameter-name prefixes trained in full fine-tuning when ``train.trainable`` is empty.
+    default_trainable: ClassVar[list[str]]
+    #: side of the square images this model generates, in pixels.
+    resolution: int
+
+    @classmethod
+    def from_config(cls, args: Any) -> "UMMAdapter": ...
+
+    def generation_loss(self, images: torch.Tensor, cond: Condition, seeds: Sequence[int]) -> torch.Tensor:
+        """The model's own generation loss for producing ``images`` from ``cond`` (scalar).
+
+        All randomness (noise, timestep, condition dropout) comes from ``seeds[i]`` for sample ``i``,
+        so results do not depend on how a batch is split across processes or micro-batches."""
+        ...
+
+    def understanding_loss(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+        """Mean token cross-entropy of ``answers`` given the image tokens and a text prompt (scalar)."""
+        ...
+
+    def answer_logprob(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+        """Summed log-probability of each answer, ``(B,)``; used for VQA-style scoring (P(yes))."""
+        ...
+
+    def generate(
+        self, cond: Condition, *, seeds: Sequence[int], guidance_scale: float, num_steps: int
+    ) -> list[Image.Image]:
+        """One image per condition entry; ``seeds[i]`` alone decides image ``i``'s noise."""
+        ...
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the whole model so that ``from_config`` with the same args pointing here loads it."""
+        ...
+
+
+@runtime_checkable
+class HasOwnEncoder(Protocol):
+    """Optional: adapters whose own understanding encoder can serve as the frozen semantic encoder
+    (``encoder.kind: umm``)."""
+
+    def semantic_encoder(self) -> Any: ...

@@ -1,0 +1,106 @@
+"""From a :class:`~reca.config.Config` to live objects: the adapter (by import path, no registry),
+the frozen encoder, LoRA, and trained checkpoints loaded back for evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from reca.adapter import UMMAdapter
+from reca.config import Config, ConfigError, from_dict
+from reca.encoders import FrozenEncoder, build_encoder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def import_adapter(path: str) -> type:
+    module_name, _, attr = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"model.adapter: cannot import '{path}' ({e}); expected 'package.module:Class'") from None
+    missing = [m for m in ("Config", "from_config", "generation_loss", "understanding_loss", "generate", "save_pretrained") if not hasattr(cls, m)]
+    if missing:
+        raise ConfigError(f"model.adapter: {path} does not implement reca.adapter.UMMAdapter (missing {', '.join(missing)})")
+    return cls
+
+
+def adapter_args(cfg: Config, cls: type, encoder: FrozenEncoder | None) -> Any:
+    args = from_dict(cls.Config, cfg.model.args, "model.args")
+    if encoder is not None and any(f.name == "semantic_dim" for f in dataclasses.fields(args)) and not args.semantic_dim:
+        args = dataclasses.replace(args, semantic_dim=encoder.width)
+    return args
+
+
+def build(cfg: Config) -> tuple[UMMAdapter, FrozenEncoder]:
+    """The adapter and its frozen semantic encoder (built first unless it is the UMM's own)."""
+    cls = import_adapter(cfg.model.adapter)
+    encoder = None if cfg.encoder.kind == "umm" else build_encoder(cfg.encoder)
+    try:
+        adapter = cls.from_config(adapter_args(cfg, cls, encoder))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if encoder is None:
+        encoder = build_encoder(cfg.encoder, adapter)
+    adapter.to(DTYPES[cfg.model.dtype])
+    return adapter, encoder
+
+
+def build_adapter(cfg: Config) -> UMMAdapter:
+    return build(cfg)[0]
+
+
+def trainable_parameters(model: nn.Module, trainable: list[str], frozen: list[str]) -> list[str]:
+    """Full fine-tuning: set requires_grad by name prefix; returns the trained names."""
+    names = []
+    for name, p in model.named_parameters():
+        train = any(name == t or name.startswith(t + ".") for t in trainable) and not any(name == f or name.startswith(f + ".") for f in frozen)
+        p.requires_grad_(train)
+        if train:
+            names.append(name)
+    if not names:
+        raise ConfigError(f"train.trainable: {trainable} matches no parameter; top-level modules are {sorted({n.split('.')[0] for n, _ in model.named_parameters()})}")
+    return names
+
+
+def apply_lora(adapter: nn.Module, cfg: Config) -> nn.Module:
+    """Wrap with peft LoRA; only adapter weights (and ``modules_to_save``) stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora.target_modules or adapter.default_lora_targets
+    lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=targets, modules_to_save=cfg.lora.modules_to_save or None)
+    try:
+        return get_peft_model(adapter, lora)
+    except ValueError as e:
+        raise ConfigError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+
+
+def load_checkpoint(adapter: nn.Module, path: str | Path) -> nn.Module:
+    """A trained result for evaluation: a PEFT adapter dir (merged into the model) or a full
+    ``model.safetensors`` state written by the trainer."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(adapter, str(path)).merge_and_unload()
+    weights = path / "model.safetensors"
+    if weights.is_file():
+        from safetensors.torch import load_file
+
+        missing, unexpected = adapter.load_state_dict(load_file(str(weights)), strict=False)
+        if unexpected:
+            raise ConfigError(f"--checkpoint {path}: weights do not fit this adapter (e.g. {unexpected[0]})")
+        return adapter
+    raise ConfigError(f"--checkpoint {path}: neither a PEFT adapter dir (adapter_config.json) nor a full checkpoint (model.safetensors)")
+
+
+def read_run_config(checkpoint: str | Path) -> dict:
+    meta = Path(checkpoint) / "config.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}

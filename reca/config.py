@@ -1,0 +1,324 @@
+"""Typed configuration: one dataclass per component under :class:`Config`, loaded from YAML with
+dotted command-line overrides (``optim.lr=1e-5 lora.rank=16``).
+
+Unknown keys, wrong types and contradictory settings fail at start with one line naming the key
+(litgpt-style strictness; torchtune's silent ``cfg.get`` typos are the counter-example).
+Every field carries its help text in ``metadata["help"]``; ``python train.py --help-config`` prints
+them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from reca.data import DataSource
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the key and how to fix it."""
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with help text (mutable defaults handled)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    adapter: str = _f("reca.models.metaquery:MetaQueryAdapter", "import path 'package.module:Class' of the UMM adapter")
+    args: dict = _f({}, "the adapter's own settings, checked against its Config dataclass")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype the weights are loaded in")
+
+
+@dataclass
+class EncoderConfig:
+    kind: Literal["open_clip", "hf", "umm"] = _f("open_clip", "frozen semantic encoder: open_clip, transformers (hf) CLIP/SigLIP vision model, or the UMM's own understanding encoder (umm)")
+    name: str = _f("ViT-B-16", "open_clip model name, or hf hub id / local dir")
+    pretrained: str = _f("", "open_clip pretrained tag or local checkpoint file; empty = random init (tests only)")
+    overrides: dict = _f({}, "extra model-constructor settings (open_clip create_model kwargs, or hf config fields for random init)")
+    layer: int = _f(-2, "hidden layer whose patch tokens are used (-2 = penultimate, as the RecA configs do)")
+    drop_cls: Literal["auto", "yes", "no"] = _f("auto", "drop the class token: auto drops it for CLIP, keeps all tokens for SigLIP")
+    input_size: int = _f(0, "encoder input resolution; 0 = the encoder's native size. Lower it for the information bottleneck (RecA §3.3)")
+
+
+@dataclass
+class ObjectiveConfig:
+    share: float = _f(0.0, "fraction of each step's batch given to this objective (0 = off)")
+    weight: float = _f(1.0, "loss coefficient")
+    data: DataSource = field(default_factory=DataSource, metadata={"help": "where this objective's images come from"})
+
+
+@dataclass
+class ReconConfig(ObjectiveConfig):
+    instructions: Literal["bank", "fixed"] = _f("bank", "draw the reconstruction instruction from reca's bank, or always use fixed_instruction")
+    fixed_instruction: str = _f("Reconstruct this image.", "the instruction when instructions=fixed")
+    instruction_dropout: float = _f(0.0, "probability of giving no instruction at all")
+
+
+@dataclass
+class ObjectivesConfig:
+    recon: ReconConfig = field(default_factory=lambda: ReconConfig(share=1.0), metadata={"help": "RecA: reconstruct the image from its frozen semantic tokens; needs no captions"})
+    t2i: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "text-to-image on captioned images"})
+    i2t: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "image-to-text (captioning) to keep understanding; needed where parameters are shared"})
+    i2t_prompt: str = _f("Describe the image.", "the question asked before each caption in image-to-text")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-5, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.02, "AdamW weight decay")
+    betas: list = _f([0.9, 0.95], "AdamW betas")
+    warmup_steps: int = _f(0, "linear warm-up steps")
+    schedule: Literal["cosine", "constant", "linear"] = _f("cosine", "learning-rate schedule after warm-up")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(False, "train LoRA adapters (peft) instead of full fine-tuning")
+    rank: int = _f(16, "LoRA rank r")
+    alpha: int = _f(32, "LoRA alpha")
+    dropout: float = _f(0.0, "LoRA dropout")
+    target_modules: list = _f([], "peft target_modules; empty = the adapter's default_lora_targets")
+    modules_to_save: list = _f([], "modules trained fully next to LoRA (peft modules_to_save)")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/reca", "where checkpoints, logs and samples go")
+    max_steps: int = _f(1000, "optimizer steps")
+    batch_size: int = _f(8, "samples per step per process, split over objectives by their shares")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "autocast precision (accelerate)")
+    seed: int = _f(0, "seed for data order, noise and instruction choice")
+    trainable: list = _f([], "full fine-tuning: parameter-name prefixes to train; empty = the adapter's default_trainable")
+    frozen: list = _f([], "parameter-name prefixes frozen even if listed as trainable")
+    save_every: int = _f(500, "save a checkpoint every N steps (and at the end)")
+    keep_last: int = _f(3, "checkpoints kept")
+    log_every: int = _f(10, "log losses every N steps")
+    sample_every: int = _f(0, "write a PNG sample grid every N steps (0 = only at the end)")
+    sample_prompts: list = _f(["a photo of a yellow broccoli", "a photo of a blue banana"], "text prompts drawn in sample grids")
+    sample_steps: int = _f(20, "sampling steps for sample grids")
+    guidance_scale: float = _f(3.0, "classifier-free guidance for sample grids")
+    max_nonfinite: int = _f(5, "abort after this many non-finite losses in a row (each is skipped with a warning)")
+    num_workers: int = _f(0, "data-loading worker processes per objective")
+    find_unused_parameters: bool = _f(False, "DDP: set when some trainable parameters get no gradient in a step")
+    cpu: bool = _f(False, "force CPU even when CUDA is present")
+
+
+@dataclass
+class LogConfig:
+    wandb: bool = _f(False, "also log to Weights & Biases (offline when no API key)")
+    project: str = _f("reca", "wandb project")
+    run_name: str = _f("", "wandb run name")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the UMM"})
+    encoder: EncoderConfig = field(default_factory=EncoderConfig, metadata={"help": "the frozen semantic encoder"})
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig, metadata={"help": "what is trained and on which data"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer and schedule"})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the loop"})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "logging"})
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; returns it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return coerce(value, arm, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: unexpected {value!r}")
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp in (list, dict) or origin in (list, dict):
+        base = origin or tp
+        if not isinstance(value, base):
+            raise ConfigError(f"{key}: expected a {base.__name__}, got {value!r}")
+        args = typing.get_args(tp)
+        if base is list and args:
+            return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{dotted}: unknown key{hint}; valid keys: {', '.join(names)}")
+        kwargs[key] = coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value, e.g. optim.lr=1e-5")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in a nested dict (values parsed as YAML: 1e-5, true, [a, b])."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) + dotted overrides → validated :class:`Config`."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    cfg = from_dict(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Contradictions and out-of-range values that a type check cannot see."""
+    t, o = cfg.train, cfg.objectives
+    checks: list[tuple[bool, str]] = [
+        (t.max_steps > 0, "train.max_steps: must be > 0"),
+        (t.batch_size > 0, "train.batch_size: must be > 0"),
+        (t.grad_accum > 0, "train.grad_accum: must be > 0"),
+        (t.save_every > 0, "train.save_every: must be > 0"),
+        (t.keep_last > 0, "train.keep_last: must be > 0 (older checkpoints are deleted)"),
+        (cfg.optim.lr > 0, "optim.lr: must be > 0"),
+        (cfg.optim.warmup_steps < t.max_steps, f"optim.warmup_steps: {cfg.optim.warmup_steps} must be below train.max_steps={t.max_steps}"),
+        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas: expected two numbers in [0, 1), e.g. [0.9, 0.95]"),
+        (0 <= o.recon.instruction_dropout <= 1, "objectives.recon.instruction_dropout: must be a probability in [0, 1]"),
+        (not (cfg.lora.enabled and cfg.lora.rank <= 0), "lora.rank: must be > 0 when lora.enabled is true"),
+        (not (cfg.lora.enabled and t.trainable), "train.trainable: full-fine-tuning prefixes conflict with lora.enabled=true; use lora.modules_to_save"),
+        (":" in cfg.model.adapter, f"model.adapter: '{cfg.model.adapter}' must be an import path 'package.module:Class'"),
+        (cfg.model.dtype == "float32" or t.mixed_precision == "no", "model.dtype: load in float32 when train.mixed_precision is set (autocast needs fp32 master weights)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    active = {name: getattr(o, name) for name in ("recon", "t2i", "i2t") if getattr(o, name).share > 0}
+    if not active:
+        raise ConfigError("objectives: every share is 0; give objectives.recon.share (or t2i/i2t) a value > 0")
+    for name, obj in [("recon", o.recon), ("t2i", o.t2i), ("i2t", o.i2t)]:
+        if obj.share < 0:
+            raise ConfigError(f"objectives.{name}.share: must be >= 0")
+        if obj.share > 0 and not obj.data.path:
+            raise ConfigError(f"objectives.{name}.data.path: objective {name} has share {obj.share} but no data; set a folder, manifest or dataset name")
+        if obj.share > 0 and name != "recon" and not obj.data.caption_column:
+            raise ConfigError(f"objectives.{name}.data.caption_column: {name} needs captions; name the caption column")
+    sizes = split_batch(t.batch_size, {k: v.share for k, v in active.items()})
+    for name, n in sizes.items():
+        if n == 0:
+            raise ConfigError(f"objectives.{name}.share: {active[name].share} of train.batch_size={t.batch_size} rounds to 0 samples; raise the batch size or the share")
+
+
+def split_batch(batch_size: int, shares: dict[str, float]) -> dict[str, int]:
+    """Per-step samples per objective: largest-remainder rounding of ``batch_size × share/Σshare``
+    (Harmon mixes recon : I2T : T2I = 2 : 2 : 0 inside each batch, DESIGN.md §1)."""
+    total = sum(shares.values())
+    exact = {k: batch_size * s / total for k, s in shares.items()}
+    sizes = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: (sizes[k] - exact[k], k))[: batch_size - sum(sizes.values())]:
+        sizes[k] += 1
+    return sizes
+
+
+def help_lines(cls: type = Config, prefix: str = "") -> list[str]:
+    """``key (type, default): help`` for every field, for --help-config and the README."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"{key}: {f.metadata.get('help', '')}")
+            lines += help_lines(hints[f.name], key + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"{key} = {default!r}  # {f.metadata.get('help', '')}")
+    return lines

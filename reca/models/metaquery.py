@@ -1,0 +1,292 @@
+"""Reference UMM in the MetaQuery / OpenUni style: a causal LM reads text or projected semantic
+image tokens, N learnable queries are appended, a connector maps the queries' last hidden states to
+the conditioning sequence of a diffusers transformer (Sana, or PixArt) that denoises in a diffusers
+VAE's latent space with rectified flow.
+
+Understanding (image → text) runs through the LM head on the same projected semantic tokens, so
+image-to-text data keeps the shared projector and LM honest while RecA trains generation.
+
+Every part loads real weights by hub id or local dir (``lm``, ``transformer``, ``vae``, ``heads``),
+or is built randomly from a ``*_config`` mapping for tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal, Sequence
+
+import diffusers
+import torch
+import transformers
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from reca.adapter import Condition
+from reca.flow import flow_matching_loss, guided, noisy_latents, per_sample_noise, sample_generator, sample_sigmas
+from reca.models.tokenizer import byte_tokenizer
+
+
+@dataclass
+class MetaQueryConfig:
+    pretrained: str = field(default="", metadata={"help": "a directory written by save_pretrained; fills lm, transformer, vae and heads"})
+    lm: str = field(default="", metadata={"help": "transformers causal LM: hub id or local dir; empty = random from lm_config"})
+    lm_config: dict = field(default_factory=dict, metadata={"help": "LlamaConfig fields for a random LM (tests)"})
+    tokenizer: str = field(default="", metadata={"help": "tokenizer hub id or dir; empty = the LM's, or a byte-level one for random LMs"})
+    transformer: str = field(default="", metadata={"help": "diffusers transformer: hub id or local dir; empty = random from transformer_config"})
+    transformer_subfolder: str = field(default="", metadata={"help": "subfolder inside the transformer repo (e.g. 'transformer')"})
+    transformer_class: Literal["SanaTransformer2DModel", "PixArtTransformer2DModel"] = field(default="SanaTransformer2DModel", metadata={"help": "diffusers transformer class"})
+    transformer_config: dict = field(default_factory=dict, metadata={"help": "constructor fields for a random transformer (tests)"})
+    vae: str = field(default="", metadata={"help": "diffusers VAE: hub id or local dir; empty = random from vae_config"})
+    vae_subfolder: str = field(default="", metadata={"help": "subfolder inside the VAE repo (e.g. 'vae')"})
+    vae_class: Literal["AutoencoderKL", "AutoencoderDC"] = field(default="AutoencoderKL", metadata={"help": "diffusers VAE class (Sana ships AutoencoderDC)"})
+    vae_config: dict = field(default_factory=dict, metadata={"help": "constructor fields for a random VAE (tests)"})
+    heads: str = field(default="", metadata={"help": "safetensors file with reca's projector, queries and connector; empty = random init"})
+    num_queries: int = field(default=64, metadata={"help": "learnable query tokens appended after the prompt"})
+    semantic_dim: int = field(default=0, metadata={"help": "width of the frozen encoder's tokens; 0 = taken from the encoder"})
+    resolution: int = field(default=256, metadata={"help": "generation resolution in pixels"})
+    max_text_tokens: int = field(default=128, metadata={"help": "prompts are truncated to this many tokens"})
+    cond_dropout: float = field(default=0.1, metadata={"help": "probability of training on the empty condition (classifier-free guidance)"})
+    weighting_scheme: Literal["logit_normal", "uniform", "mode", "sigma_sqrt", "cosmap"] = field(default="logit_normal", metadata={"help": "timestep density / loss weighting (diffusers.training_utils)"})
+    logit_mean: float = field(default=0.0, metadata={"help": "logit-normal mean"})
+    logit_std: float = field(default=1.0, metadata={"help": "logit-normal std"})
+    flow_shift: float = field(default=1.0, metadata={"help": "FlowMatchEulerDiscreteScheduler shift"})
+
+
+def _load(cls, ref: str, subfolder: str, config: dict, what: str):
+    if ref:
+        try:
+            return cls.from_pretrained(ref, **({"subfolder": subfolder} if subfolder else {}))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model.args.{what}: cannot load '{ref}' (hub id or local dir): {str(e).splitlines()[0]}") from None
+    if not config:
+        raise ValueError(f"model.args.{what}: give a hub id / local dir, or model.args.{what}_config for a random model")
+    return cls(**config)
+
+
+class MetaQueryAdapter(nn.Module):
+    Config: ClassVar[type] = MetaQueryConfig
+    # LoRA on the LM's and the DiT's attention, and on reca's own projector and connector layers.
+    default_lora_targets: ClassVar[str] = (
+        r"(lm\..*\.(q_proj|k_proj|v_proj|o_proj))|(transformer\..*\.(to_q|to_k|to_v))|((sem_proj|connector)\.\d+)"
+    )
+    # OpenUni trains the connector and the DiT with the LMM frozen (DESIGN.md §1); the semantic
+    # projector is trained too and kept honest by image-to-text mixing.
+    default_trainable: ClassVar[list[str]] = ["sem_proj", "queries", "connector", "transformer"]
+
+    def __init__(self, cfg: MetaQueryConfig, lm: nn.Module, tokenizer, transformer: nn.Module, vae: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.resolution = cfg.resolution
+        self.lm, self.tokenizer, self.transformer, self.vae = lm, tokenizer, transformer, vae
+        self.vae.requires_grad_(False).eval()  # the latent space is fixed; never trained
+        hidden = lm.config.hidden_size
+        cond_dim = transformer.config.caption_channels
+        if cfg.semantic_dim <= 0:
+            raise ValueError("model.args.semantic_dim: must be > 0 (build through reca.build, which takes it from the encoder)")
+        self.sem_proj = nn.Sequential(nn.Linear(cfg.semantic_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.queries = nn.Parameter(torch.randn(cfg.num_queries, hidden) * hidden**-0.5)
+        self.connector = nn.Sequential(nn.Linear(hidden, cond_dim), nn.GELU(), nn.Linear(cond_dim, cond_dim))
+        self.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift)
+        self.train_sigmas = self.scheduler.sigmas.clone()  # a copy: set_timesteps overwrites them
+        vc = vae.config
+        blocks = vc.get("encoder_block_out_channels") or vc.get("block_out_channels")
+        self.latent_size = cfg.resolution // 2 ** (len(blocks) - 1)
+        self.latent_channels = vc.latent_channels
+        if cfg.heads:
+            self.load_heads(cfg.heads)
+
+    # ------------------------------------------------------------------ build / save
+
+    @classmethod
+    def from_config(cls, args: MetaQueryConfig) -> "MetaQueryAdapter":
+        if args.pretrained:
+            root = Path(args.pretrained)
+            args = dataclasses.replace(args, lm=str(root / "lm"), tokenizer=str(root / "lm"), transformer=str(root / "transformer"),
+                                transformer_subfolder="", vae=str(root / "vae"), vae_subfolder="", heads=str(root / "heads.safetensors"))
+        if args.lm:
+            lm = _load(transformers.AutoModelForCausalLM, args.lm, "", {}, "lm")
+        elif args.lm_config:
+            lm = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**args.lm_config))
+        else:
+            raise ValueError("model.args.lm: give a hub id / local dir, or model.args.lm_config for a random LM")
+        if args.tokenizer or args.lm:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer or args.lm)
+        else:
+            tokenizer = byte_tokenizer()
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+            raise ValueError(f"model.args.lm_config: vocab_size must be >= {len(tokenizer)} (the tokenizer's size)")
+        transformer = _load(getattr(diffusers, args.transformer_class), args.transformer, args.transformer_subfolder,
+                            args.transformer_config, "transformer")
+        vae = _load(getattr(diffusers, args.vae_class), args.vae, args.vae_subfolder, args.vae_config, "vae")
+        return cls(args, lm, tokenizer, transformer, vae)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.lm.save_pretrained(path / "lm")
+        self.tokenizer.save_pretrained(path / "lm")
+        self.transformer.save_pretrained(path / "transformer")
+        self.vae.save_pretrained(path / "vae")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self._heads().items()}, str(path / "heads.safetensors"))
+        args = asdict(self.cfg) | {"pretrained": str(path), "lm": "", "tokenizer": "", "transformer": "", "vae": "", "heads": ""}
+        (path / "reca_adapter.json").write_text(json.dumps({"adapter": f"{__name__}:{type(self).__name__}", "args": args}, indent=2))
+
+    def _heads(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.split(".")[0] in ("sem_proj", "queries", "connector")}
+
+    def load_heads(self, path: str) -> None:
+        try:
+            state = load_file(path)
+        except (OSError, FileNotFoundError) as e:
+            raise ValueError(f"model.args.heads: cannot read '{path}': {e}") from None
+        missing = set(self._heads()) - set(state)
+        if missing:
+            raise ValueError(f"model.args.heads: '{path}' lacks {sorted(missing)[:3]}")
+        self.load_state_dict(state, strict=False)
+
+    def train(self, mode: bool = True) -> "MetaQueryAdapter":
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    # ------------------------------------------------------------------ conditioning
+
+    def _embed_text(self, text: str, bos: bool) -> torch.Tensor:
+        ids = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=self.cfg.max_text_tokens).input_ids
+        if bos and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id] + ids
+        emb = self.lm.get_input_embeddings()
+        return emb(torch.tensor(ids, dtype=torch.long, device=emb.weight.device))
+
+    def _prompt_pieces(self, cond: Condition, drop: Sequence[bool]) -> list[torch.Tensor]:
+        """Per sample, the prompt embeddings before the queries: text, or [semantic ; instruction]."""
+        pieces = []
+        for i in range(len(cond)):
+            if drop[i]:
+                pieces.append(self._embed_text("", bos=True))
+            elif cond.texts is not None:
+                pieces.append(self._embed_text(cond.texts[i], bos=True))
+            else:
+                sem = self.sem_proj(cond.semantic[i].to(self.queries))
+                parts = [self._embed_text("", bos=True), sem]
+                if cond.instructions[i]:
+                    parts.append(self._embed_text(cond.instructions[i], bos=False))
+                pieces.append(torch.cat(parts))
+        return pieces
+
+    def _run_lm(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """Left-pads the pieces so every sequence ends with its own tokens; returns last hidden states."""
+        width = max(p.shape[0] for p in pieces)
+        dim = pieces[0].shape[-1]
+        embeds = pieces[0].new_zeros(len(pieces), width, dim)
+        mask = torch.zeros(len(pieces), width, dtype=torch.long, device=embeds.device)
+        for i, p in enumerate(pieces):
+            embeds[i, width - p.shape[0]:] = p
+            mask[i, width - p.shape[0]:] = 1
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        base = getattr(self.lm, self.lm.base_model_prefix)
+        return base(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state
+
+    def condition(self, cond: Condition, drop: Sequence[bool] | None = None) -> torch.Tensor:
+        """The DiT's conditioning sequence ``(B, num_queries, caption_channels)``."""
+        drop = drop if drop is not None else [False] * len(cond)
+        queries = self.queries
+        pieces = [torch.cat([p, queries.to(p.dtype)]) for p in self._prompt_pieces(cond, drop)]
+        hidden = self._run_lm(pieces)[:, -self.cfg.num_queries:]
+        return self.connector(hidden.to(self.connector[0].weight.dtype))
+
+    # ------------------------------------------------------------------ losses
+
+    @torch.no_grad()
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        out = vae.encode(images.to(vae.device, vae.dtype))
+        # the distribution's mean, not a sample: deterministic, and the latent noise is negligible
+        # next to the flow-matching noise (Sana's DC-AE has no distribution at all).
+        lat = out.latent if hasattr(out, "latent") else out.latent_dist.mode()
+        shift = vae.config.get("shift_factor") or 0.0
+        return ((lat - shift) * vae.config.scaling_factor).float()
+
+    def generation_loss(self, images: torch.Tensor, cond: Condition, seeds: Sequence[int]) -> torch.Tensor:
+        x0 = self.encode_latents(images)
+        drop = [torch.rand((), generator=sample_generator(s + 2)).item() < self.cfg.cond_dropout for s in seeds]
+        enc = self.condition(cond, drop)
+        noise = per_sample_noise(seeds, tuple(x0.shape[1:])).to(x0)
+        sigmas = sample_sigmas(seeds, self.train_sigmas, self.cfg.weighting_scheme, self.cfg.logit_mean, self.cfg.logit_std).to(x0.device)
+        xt = noisy_latents(x0, noise, sigmas)
+        dtype = self.transformer.dtype
+        pred = self.transformer(xt.to(dtype), encoder_hidden_states=enc.to(dtype),
+                                timestep=(sigmas * self.scheduler.config.num_train_timesteps).to(dtype),
+                                encoder_attention_mask=torch.ones(enc.shape[:2], device=enc.device)).sample
+        if pred.shape[1] != x0.shape[1]:  # PixArt also predicts variance: keep the mean channels
+            pred = pred[:, : x0.shape[1]]
+        return flow_matching_loss(pred, x0, noise, sigmas, self.cfg.weighting_scheme)
+
+    def _understanding_batch(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]):
+        embed = self.lm.get_input_embeddings()
+        eos = self.tokenizer.eos_token_id
+        rows, targets = [], []
+        for sem, prompt, answer in zip(semantic, prompts, answers):
+            head = torch.cat([self._embed_text("", bos=True), self.sem_proj(sem.to(self.queries)).to(embed.weight.dtype),
+                              self._embed_text(prompt, bos=False)])
+            ans = self.tokenizer(answer, add_special_tokens=False, truncation=True, max_length=self.cfg.max_text_tokens).input_ids + [eos]
+            ans_t = torch.tensor(ans, device=embed.weight.device)
+            rows.append(torch.cat([head, embed(ans_t)]))
+            targets.append(torch.cat([torch.full((head.shape[0],), -100, device=ans_t.device), ans_t]))
+        width = max(r.shape[0] for r in rows)
+        embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
+        labels = torch.full((len(rows), width), -100, dtype=torch.long, device=embeds.device)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=embeds.device)
+        for i, (r, t) in enumerate(zip(rows, targets)):
+            embeds[i, : r.shape[0]], labels[i, : t.shape[0]], mask[i, : r.shape[0]] = r, t, 1
+        return embeds, mask, labels
+
+    def _answer_token_logprobs(self, semantic, prompts, answers) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, mask, labels = self._understanding_batch(semantic, prompts, answers)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
+        target = labels[:, 1:]
+        valid = target != -100
+        logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        return logp * valid, valid
+
+    def understanding_loss(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+        logp, valid = self._answer_token_logprobs(semantic, prompts, answers)
+        return -logp.sum() / valid.sum()
+
+    def answer_logprob(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+        logp, _ = self._answer_token_logprobs(semantic, prompts, answers)
+        return logp.sum(1)
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def generate(self, cond: Condition, *, seeds: Sequence[int], guidance_scale: float = 3.0, num_steps: int = 20) -> list[Image.Image]:
+        n = len(cond)
+        enc = self.condition(cond)
+        use_cfg = guidance_scale != 1.0
+        if use_cfg:
+            enc = torch.cat([self.condition(cond, [True] * n), enc])
+        shape = (self.latent_channels, self.latent_size, self.latent_size)
+        dtype = self.transformer.dtype
+        latents = per_sample_noise(seeds, shape).to(enc.device)
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(num_steps, device=enc.device)
+        for t in scheduler.timesteps:
+            model_in = torch.cat([latents, latents]) if use_cfg else latents
+            pred = self.transformer(model_in.to(dtype), encoder_hidden_states=enc.to(dtype), timestep=t.expand(model_in.shape[0]).to(dtype),
+                                    encoder_attention_mask=torch.ones(enc.shape[:2], device=enc.device)).sample.float()
+            pred = pred[:, : self.latent_channels]
+            if use_cfg:
+                pred = guided(*pred.chunk(2), guidance_scale)
+            latents = scheduler.step(pred, t, latents).prev_sample
+        vae = self.vae
+        shift = vae.config.get("shift_factor") or 0.0
+        pixels = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+        arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]
