@@ -76,7 +76,8 @@ class UMMAdapter(Protocol):
         ...
 
     def understanding_loss(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
-        """Mean token cross-entropy of ``answers`` given the image tokens and a text prompt (scalar)."""
+        """Cross-entropy of ``answers`` given the image tokens and a text prompt: token mean per sample,
+        then mean over samples (scalar)."""
         ...
 
     def answer_logprob(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:

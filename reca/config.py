@@ -114,6 +114,11 @@ class TrainConfig:
     num_workers: int = _f(0, "data-loading worker processes per objective")
     find_unused_parameters: bool = _f(False, "DDP: set when some trainable parameters get no gradient in a step")
     cpu: bool = _f(False, "force CPU even when CUDA is present")
+    embedding_cache: str = _f("", "folder for cached frozen-encoder outputs (computed once, reused every epoch); empty = off")
+    cache_dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "storage dtype of cached embeddings")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (adapter's enable_gradient_checkpointing)")
+    compile: bool = _f(False, "torch.compile the adapter's heavy modules (adapter's compile_modules)")
+    offload_encoder: bool = _f(False, "keep the frozen encoder on the CPU (with a warm embedding_cache it is rarely called)")
 
 
 @dataclass

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from tqdm.auto import tqdm
 
 from reca import checkpoint as ckpt
 from reca.adapter import Condition
+from reca.cache import EmbeddingCache
 from reca.build import apply_lora, build, trainable_parameters
-from reca.config import Config, split_batch
+from reca.config import Config, ConfigError, split_batch
 from reca.data import batches, open_source
 from reca.encoders import bottleneck_check
 from reca.objectives import RecATask, sample_seed, transform_for
@@ -59,13 +61,20 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     resolved = asdict(cfg)
+    print(f"rank {accelerator.process_index}: processes: {accelerator.num_processes} ({accelerator.distributed_type.value}) on {accelerator.device}")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         print(json.dumps(resolved, indent=2))
     set_seed(t.seed)
 
     adapter, encoder = build(cfg)
-    encoder.to(accelerator.device)
+    encoder.to("cpu" if t.offload_encoder else accelerator.device)
+    cache = EmbeddingCache(t.embedding_cache, encoder.identity, t.cache_dtype, accelerator.process_index) if t.embedding_cache else None
+    for flag, method in (("gradient_checkpointing", "enable_gradient_checkpointing"), ("compile", "compile_modules")):
+        if getattr(t, flag):
+            if not hasattr(adapter, method):
+                raise ConfigError(f"train.{flag}: {type(adapter).__name__} has no {method}(); set it to false")
+            getattr(adapter, method)()
     if warning := bottleneck_check(encoder, adapter.resolution):
         log.warning(warning)
     if cfg.lora.enabled:
@@ -110,12 +119,15 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
     metrics: dict = {}
     while state.step < t.max_steps:
         step = state.step
+        started, waited = time.perf_counter(), 0.0
         sums: dict[str, torch.Tensor] = {}
         bad = False
         for micro in range(t.grad_accum):
             micro_batches = {}
             for name, stream in streams.items():
+                t0 = time.perf_counter()
                 b = next(stream)
+                waited += time.perf_counter() - t0
                 for kind in ("skipped", "converted"):
                     for reason, count in b.get(kind, {}).items():
                         state.data_counts[f"{kind}/{reason}"] = state.data_counts.get(f"{kind}/{reason}", 0) + count
@@ -124,12 +136,12 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
                 # interleave ranks), so its noise is the same under any process count
                 b["seeds"] = [sample_seed(t.seed, name, step * t.grad_accum + micro, rank + world * j) for j in range(n)]
                 if "enc" in b:  # frozen encoder, outside the trained module: no grad, no optimiser
-                    b["semantic"] = encoder(b["enc"].to(accelerator.device))
+                    b["semantic"] = cache.encode(b["enc"], encoder) if cache else encoder(b["enc"])
                 micro_batches[name] = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
             with accelerator.accumulate(task):
                 losses = task(micro_batches)
                 # all ranks must agree on skipping, or DDP's all-reduce would hang or diverge
-                finite = accelerator.reduce(torch.isfinite(losses["loss"].detach()).float(), "min").item() == 1.0
+                finite = bool(accelerator.gather(torch.isfinite(losses["loss"].detach())[None]).all())
                 if finite:
                     accelerator.backward(losses["loss"])  # divided by grad_accum inside accelerate
                 else:
@@ -152,7 +164,9 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
         else:
             state.nonfinite_in_a_row = 0
         metrics = {k: accelerator.reduce(v, "mean").item() for k, v in sums.items()}
-        metrics |= {"lr": lr_scheduler.get_last_lr()[0], "step": state.step} | {f"data/{k}": v for k, v in state.data_counts.items()}
+        if cache:
+            metrics |= {"cache/hits": cache.hits, "cache/misses": cache.misses}
+        metrics |= {"lr": lr_scheduler.get_last_lr()[0], "step": state.step, "time/step": time.perf_counter() - started, "time/data": waited} | {f"data/{k}": v for k, v in state.data_counts.items()}
         bar.update(1)
         bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in sizes or k == "loss"})
         if main and (state.step % t.log_every == 0 or state.step == t.max_steps):
@@ -160,18 +174,28 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
                 f.write(json.dumps(metrics) + "\n")
             accelerator.log(metrics, step=state.step)
         if state.step % t.save_every == 0 or state.step == t.max_steps:
-            export = accelerator.unwrap_model(task).umm.save_pretrained if cfg.lora.enabled else None
-            ckpt.save(accelerator, root, state.step, resolved, export)
+            ckpt.save(accelerator, root, state.step, resolved, lora_exporter(accelerator, task) if cfg.lora.enabled else None)
             if main:
                 ckpt.prune(root, t.keep_last)
         if main and ((t.sample_every and state.step % t.sample_every == 0) or state.step == t.max_steps):
             write_samples(accelerator.unwrap_model(task).umm, micro_batches.get("recon"), cfg, out / "samples" / f"step-{state.step:07d}.png", accelerator)
         accelerator.wait_for_everyone()
     bar.close()
+    if cache:
+        cache.flush()
+        print(f"embedding cache: {cache.hits} hits, {cache.misses} misses, {cache.disk_bytes() / 2**20:.1f} MiB in {cache.dir}")
     if main:
         export_final(accelerator.unwrap_model(task).umm, cfg, out / "final")
     accelerator.end_training()
     return metrics
+
+
+def lora_exporter(accelerator: Accelerator, task):
+    """Every rank gathers the full state (under ZeRO-3 the unwrapped model holds empty partitions
+    and would save an empty adapter, peft#2500); the main process writes the PEFT folder."""
+    state = accelerator.get_state_dict(task)
+    umm = accelerator.unwrap_model(task).umm
+    return lambda path: umm.save_pretrained(path, state_dict={k.removeprefix("umm."): v for k, v in state.items()})
 
 
 def k_of(name: str) -> int:

@@ -56,8 +56,8 @@ def test_understanding_loss_matches_answer_logprob(tiny) -> None:
     _, sem = batch(encoder, 2)
     prompts, answers = ["Describe."] * 2, ["a red square", "blue"]
     lp = adapter.answer_logprob(sem, prompts, answers)
-    n_tokens = sum(len(adapter.tokenizer(a, add_special_tokens=False).input_ids) + 1 for a in answers)  # + eos
-    torch.testing.assert_close(adapter.understanding_loss(sem, prompts, answers), -lp.sum() / n_tokens)
+    n_tokens = torch.tensor([len(adapter.tokenizer(a, add_special_tokens=False).input_ids) + 1 for a in answers])  # + eos
+    torch.testing.assert_close(adapter.understanding_loss(sem, prompts, answers), (-lp / n_tokens).mean())
     # answer_logprob of one sample does not depend on its batch neighbours (padding is masked)
     torch.testing.assert_close(adapter.answer_logprob(sem[1:], prompts[1:], answers[1:]), lp[1:], atol=1e-5, rtol=1e-5)
 

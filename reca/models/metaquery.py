@@ -72,7 +72,7 @@ class MetaQueryAdapter(nn.Module):
     Config: ClassVar[type] = MetaQueryConfig
     # LoRA on the LM's and the DiT's attention, and on reca's own projector and connector layers.
     default_lora_targets: ClassVar[str] = (
-        r"(lm\..*\.(q_proj|k_proj|v_proj|o_proj))|(transformer\..*\.(to_q|to_k|to_v))|((sem_proj|connector)\.\d+)"
+        r"(lm\..*\.(q_proj|k_proj|v_proj|o_proj))|(transformer\..*\.(to_q|to_k|to_v))|((sem_proj|connector)\.(0|2))"
     )
     # OpenUni trains the connector and the DiT with the LMM frozen (DESIGN.md §1); the semantic
     # projector is trained too and kept honest by image-to-text mixing.
@@ -149,6 +149,14 @@ class MetaQueryAdapter(nn.Module):
         if missing:
             raise ValueError(f"model.args.heads: '{path}' lacks {sorted(missing)[:3]}")
         self.load_state_dict(state, strict=False)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.transformer.enable_gradient_checkpointing()
+
+    def compile_modules(self) -> None:
+        self.lm.compile()
+        self.transformer.compile()
 
     def train(self, mode: bool = True) -> "MetaQueryAdapter":
         super().train(mode)
@@ -256,8 +264,10 @@ class MetaQueryAdapter(nn.Module):
         return logp * valid, valid
 
     def understanding_loss(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+        # per-sample token mean, then mean over samples: unlike one token mean over the batch, this
+        # does not depend on how a batch is split across processes (two-process DDP == one process)
         logp, valid = self._answer_token_logprobs(semantic, prompts, answers)
-        return -logp.sum() / valid.sum()
+        return (-logp.sum(1) / valid.sum(1)).mean()
 
     def answer_logprob(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
         logp, _ = self._answer_token_logprobs(semantic, prompts, answers)

@@ -1,0 +1,94 @@
+"""Embedding cache: the frozen encoder's output never changes, so compute it once per image.
+
+Keys are the SHA-1 of the exact encoder input tensor (the image content after the encoder's own
+preprocessing at its input resolution) inside a folder named by the encoder's identity (model,
+weights, layer, resolution) and the storage dtype — change any of these and nothing stale can be
+read. Entries live in append-only safetensors shards, each written to a temporary name and renamed,
+so a crash never leaves a half-written shard; shards are memory-mapped on read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from reca.encoders import FrozenEncoder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def content_key(x: torch.Tensor) -> str:
+    """SHA-1 of one encoder-input tensor's bytes (float32, contiguous)."""
+    return hashlib.sha1(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+class EmbeddingCache:
+    def __init__(self, root: str | Path, encoder_identity: str, dtype: str = "float32", rank: int = 0, flush_every: int = 256):
+        if dtype not in DTYPES:
+            raise ValueError(f"train.cache_dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
+        tag = hashlib.sha1(f"{encoder_identity}|{dtype}".encode()).hexdigest()[:16]
+        self.dir = Path(root) / tag
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "identity.txt").write_text(f"{encoder_identity}\n{dtype}\n")
+        self.dtype, self.rank, self.flush_every = DTYPES[dtype], rank, flush_every
+        self.index: dict[str, Path] = {}
+        self.pending: dict[str, torch.Tensor] = {}
+        self.hits = self.misses = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Index every complete shard (other processes may have written new ones)."""
+        for shard in sorted(self.dir.glob("shard-*.safetensors")):
+            if shard not in self.index.values():
+                with safe_open(str(shard), framework="pt") as f:
+                    for key in f.keys():
+                        self.index.setdefault(key, shard)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if key in self.pending:
+            return self.pending[key]
+        shard = self.index.get(key)
+        if shard is None:
+            return None
+        with safe_open(str(shard), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self.pending[key] = value.detach().to("cpu", self.dtype).contiguous()
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        n = len(list(self.dir.glob(f"shard-r{self.rank}-*.safetensors")))
+        final = self.dir / f"shard-r{self.rank}-{n:06d}.safetensors"
+        tmp = self.dir / f".tmp-{final.name}"
+        save_file(self.pending, str(tmp))
+        os.replace(tmp, final)
+        for key in self.pending:
+            self.index[key] = final
+        self.pending = {}
+
+    def encode(self, pixels: torch.Tensor, encoder: FrozenEncoder) -> torch.Tensor:
+        """Encoder output for a batch of encoder inputs: cached rows read, missing rows computed
+        in one encoder call and stored."""
+        keys = [content_key(x) for x in pixels]
+        rows: list[torch.Tensor | None] = [self.get(k) for k in keys]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            fresh = encoder(pixels[missing]).to("cpu", self.dtype)
+            for i, value in zip(missing, fresh):
+                rows[i] = value
+                self.put(keys[i], value)
+        return torch.stack(rows).float()  # type: ignore[arg-type]
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.glob("shard-*.safetensors"))
