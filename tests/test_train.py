@@ -185,3 +185,53 @@ def test_corrupt_and_odd_images_train_and_are_counted(tmp_path, monkeypatch) -> 
     tiny = last.get("data/skipped/tiny", 0)
     assert 2 * (steps - 1) <= undecodable <= 2 * steps and steps - 1 <= tiny <= steps, last
     assert steps - 1 <= last.get("data/converted/cmyk", 0) <= steps and steps - 1 <= last.get("data/converted/grayscale", 0) <= steps
+
+
+def test_nonfinite_losses_skip_updates_then_abort(toy_data, tmp_path, monkeypatch) -> None:
+    from reca.models.metaquery import MetaQueryAdapter
+
+    real = MetaQueryAdapter.generation_loss
+    calls = {"n": 0}
+
+    def flaky(self, images, cond, seeds):
+        calls["n"] += 1
+        loss = real(self, images, cond, seeds)
+        return loss * float("nan") if calls["n"] <= 4 else loss  # recon + t2i of steps 1 and 2
+
+    monkeypatch.setattr(MetaQueryAdapter, "generation_loss", flaky)
+    cfg = load_config(TINY, tiny_overrides(toy_data, tmp_path / "a", "train.max_steps=4", "train.log_every=1",
+                                           "train.save_every=100", "train.sample_prompts=[]", "train.max_nonfinite=3"))
+    built = _fit_capturing(cfg, monkeypatch)
+    log = read_log(tmp_path / "a")
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(r["loss"] != r["loss"] for r in log[:2]) and all(r["loss"] == r["loss"] for r in log[2:])
+
+    calls["n"] = -10**9  # NaN from now on
+    cfg = load_config(TINY, tiny_overrides(toy_data, tmp_path / "b", "train.max_steps=10", "train.save_every=100",
+                                           "train.sample_prompts=[]", "train.max_nonfinite=3"))
+    with pytest.raises(RuntimeError, match=r"3 non-finite losses in a row \(train.max_nonfinite=3\)"):
+        _fit_capturing(cfg, monkeypatch)
+    assert built["adapter"] is not None
+
+
+def test_cached_embeddings_give_identical_losses(toy_data, tmp_path, monkeypatch) -> None:
+    steps = ["train.max_steps=4", "train.log_every=1", "train.save_every=100", "train.sample_prompts=[]"]
+    _fit_capturing(load_config(TINY, tiny_overrides(toy_data, tmp_path / "plain", *steps)), monkeypatch)
+    cache = f"train.embedding_cache={tmp_path / 'cache'}"
+    _fit_capturing(load_config(TINY, tiny_overrides(toy_data, tmp_path / "cold", *steps, cache)), monkeypatch)
+    _fit_capturing(load_config(TINY, tiny_overrides(toy_data, tmp_path / "warm", *steps, cache)), monkeypatch)
+    plain, cold, warm = (read_log(tmp_path / name) for name in ("plain", "cold", "warm"))
+    assert [r["loss"] for r in plain] == [r["loss"] for r in cold] == [r["loss"] for r in warm]
+    assert cold[-1]["cache/misses"] > 0 and warm[-1]["cache/misses"] == 0 and warm[-1]["cache/hits"] > 0
+
+
+def test_wandb_without_api_key_logs_offline_and_says_so(toy_data, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = load_config(TINY, tiny_overrides(toy_data, tmp_path, "log.wandb=true", "train.max_steps=3", "train.log_every=1",
+                                           "train.save_every=100", "train.sample_prompts=[]"))
+    _fit_capturing(cfg, monkeypatch)
+    assert "wandb: no WANDB_API_KEY — logging offline" in capsys.readouterr().out
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run was written"
+    assert len(read_log(tmp_path)) == 3  # the local jsonl is written all the same
