@@ -37,6 +37,7 @@ class EmbeddingCache:
         (self.dir / "identity.txt").write_text(f"{encoder_identity}\n{dtype}\n")
         self.dtype, self.rank, self.flush_every = DTYPES[dtype], rank, flush_every
         self.index: dict[str, Path] = {}
+        self.handles: dict[Path, object] = {}  # open, memory-mapped shards
         self.pending: dict[str, torch.Tensor] = {}
         self.hits = self.misses = 0
         self.refresh()
@@ -55,8 +56,9 @@ class EmbeddingCache:
         shard = self.index.get(key)
         if shard is None:
             return None
-        with safe_open(str(shard), framework="pt") as f:
-            return f.get_tensor(key)
+        if shard not in self.handles:
+            self.handles[shard] = safe_open(str(shard), framework="pt")
+        return self.handles[shard].get_tensor(key)
 
     def put(self, key: str, value: torch.Tensor) -> None:
         self.pending[key] = value.detach().to("cpu", self.dtype).contiguous()

@@ -119,7 +119,7 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
     metrics: dict = {}
     while state.step < t.max_steps:
         step = state.step
-        started, waited = time.perf_counter(), 0.0
+        started, waited, encoding = time.perf_counter(), 0.0, 0.0
         sums: dict[str, torch.Tensor] = {}
         bad = False
         for micro in range(t.grad_accum):
@@ -136,7 +136,9 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
                 # interleave ranks), so its noise is the same under any process count
                 b["seeds"] = [sample_seed(t.seed, name, step * t.grad_accum + micro, rank + world * j) for j in range(n)]
                 if "enc" in b:  # frozen encoder, outside the trained module: no grad, no optimiser
+                    t0 = time.perf_counter()
                     b["semantic"] = cache.encode(b["enc"], encoder) if cache else encoder(b["enc"])
+                    encoding += time.perf_counter() - t0
                 micro_batches[name] = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
             with accelerator.accumulate(task):
                 losses = task(micro_batches)
@@ -166,7 +168,7 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
         metrics = {k: accelerator.reduce(v, "mean").item() for k, v in sums.items()}
         if cache:
             metrics |= {"cache/hits": cache.hits, "cache/misses": cache.misses}
-        metrics |= {"lr": lr_scheduler.get_last_lr()[0], "step": state.step, "time/step": time.perf_counter() - started, "time/data": waited} | {f"data/{k}": v for k, v in state.data_counts.items()}
+        metrics |= {"lr": lr_scheduler.get_last_lr()[0], "step": state.step, "time/step": time.perf_counter() - started, "time/data": waited, "time/encode": encoding} | {f"data/{k}": v for k, v in state.data_counts.items()}
         bar.update(1)
         bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in sizes or k == "loss"})
         if main and (state.step % t.log_every == 0 or state.step == t.max_steps):

@@ -151,7 +151,7 @@ class MetaQueryAdapter(nn.Module):
         self.load_state_dict(state, strict=False)
 
     def enable_gradient_checkpointing(self) -> None:
-        self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lm.activation_checkpointing_enable({"use_reentrant": False})
         self.transformer.enable_gradient_checkpointing()
 
     def compile_modules(self) -> None:
