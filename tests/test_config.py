@@ -87,3 +87,24 @@ def test_help_lists_every_leaf_with_help() -> None:
     assert any(line.startswith("optim.lr = ") for line in lines)
     assert any(line.startswith("objectives.recon.data.path = ") for line in lines)
     assert all("#" in line or line.endswith(":") or ": " in line for line in lines)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/bench").glob("*.yaml")), ids=lambda p: p.name)
+def test_bench_configs_parse(path: Path) -> None:
+    cfg = load_config(path)
+    from_dict(import_adapter(cfg.model.adapter).Config, cfg.model.args, "model.args")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_parse(path: Path) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cluster = load_config_from_file(str(path))
+    assert cluster.num_processes >= 1 and cluster.mixed_precision == "bf16"
+    kind = cluster.distributed_type.value
+    if "zero" in path.name:
+        assert kind == "DEEPSPEED" and cluster.deepspeed_config["zero_stage"] == int(path.stem[-1])
+    elif "fsdp2" in path.name:
+        assert kind == "FSDP" and int(cluster.fsdp_config["fsdp_version"]) == 2
+    else:
+        assert kind == "MULTI_GPU"
