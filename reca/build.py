@@ -48,6 +48,8 @@ def build(cfg: Config) -> tuple[UMMAdapter, FrozenEncoder]:
         raise ConfigError(str(e)) from None
     if encoder is None:
         encoder = build_encoder(cfg.encoder, adapter)
+    if hasattr(adapter, "attach_encoder"):
+        adapter.attach_encoder(encoder)
     adapter.to(DTYPES[cfg.model.dtype])
     return adapter, encoder
 

@@ -48,6 +48,7 @@ class EncoderConfig:
     overrides: dict = _f({}, "extra model-constructor settings (open_clip create_model kwargs, or hf config fields for random init)")
     layer: int = _f(-2, "hidden layer whose patch tokens are used (-2 = penultimate, as the RecA configs do)")
     drop_cls: Literal["auto", "yes", "no"] = _f("auto", "drop the class token: auto drops it for CLIP, keeps all tokens for SigLIP")
+    space: Literal["hidden", "joint"] = _f("hidden", "hidden: patch tokens of encoder.layer; joint (open_clip): pooled image embedding + last-layer patch tokens projected into the contrastive space, with a text tower for text prompts")
     input_size: int = _f(0, "encoder input resolution; 0 = the encoder's native size. Lower it for the information bottleneck (RecA §3.3)")
 
 

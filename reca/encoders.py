@@ -61,6 +61,13 @@ class FrozenEncoder:
     std: tuple[float, float, float]
     width: int
     identity: str  # names the encoder, its weights, layer and resolution (cache keys, manifests)
+    text: Callable[[Sequence[str]], torch.Tensor] | None = None  # text prompts → tokens in the same space
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.text is None:
+            raise ConfigError("model.args.text_path: 'encoder' needs encoder.space=joint (an encoder with a text tower)")
+        return self.text(texts)
 
     def __post_init__(self) -> None:
         self.module.eval().requires_grad_(False)
@@ -111,6 +118,8 @@ def _open_clip(cfg: EncoderConfig) -> FrozenEncoder:
         # open_clip resamples the position embedding when a checkpoint of another size is loaded.
         kwargs["force_image_size"] = cfg.input_size
     model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained or None, **kwargs)
+    if cfg.space == "joint":
+        return _open_clip_joint(cfg, model, open_clip)
     visual = model.visual
     pp = visual.preprocess_cfg
     size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
@@ -130,6 +139,32 @@ def _open_clip(cfg: EncoderConfig) -> FrozenEncoder:
         width = features(torch.zeros(1, 3, size, size)).shape[-1]
     return FrozenEncoder(visual, features, size, tuple(pp["mean"]), tuple(pp["std"]), width,
                          identity=f"open_clip:{cfg.name}:{cfg.pretrained or 'random'}:layer{cfg.layer}:{size}px")
+
+
+def _open_clip_joint(cfg: EncoderConfig, model, open_clip) -> FrozenEncoder:
+    """Tokens in the contrastive space: the pooled image embedding, then the last layer's patch
+    tokens through the model's own ln_post + projection; text prompts get the pooled text embedding
+    of the same model. Pooled image and text embeddings are aligned by contrastive training, which
+    is what lets reconstruction learned from images transfer to text prompts (DESIGN.md §7.2)."""
+    visual = model.visual
+    if getattr(visual, "proj", None) is None or not hasattr(visual, "ln_post"):
+        raise ConfigError("encoder.space: 'joint' needs an open_clip ViT with ln_post and proj; use space=hidden")
+    pp = visual.preprocess_cfg
+    size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
+    tokenizer = open_clip.get_tokenizer(cfg.name, context_length=model.context_length)
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        patches = visual.forward_intermediates(x, indices=[_num_layers(visual) - 1], intermediates_only=True, output_fmt="NLC")["image_intermediates"][0]
+        pooled = model.encode_image(x, normalize=True)
+        return torch.cat([pooled[:, None], visual.ln_post(patches) @ visual.proj], dim=1)
+
+    def text(texts: Sequence[str]) -> torch.Tensor:
+        device = next(model.parameters()).device
+        return model.encode_text(tokenizer(list(texts)).to(device), normalize=True)[:, None].float()
+
+    width = model.visual.output_dim
+    return FrozenEncoder(model, features, size, tuple(pp["mean"]), tuple(pp["std"]), width,
+                         identity=f"open_clip:{cfg.name}:{cfg.pretrained or 'random'}:joint:{size}px", text=text)
 
 
 def _num_layers(visual: torch.nn.Module) -> int:

@@ -95,3 +95,32 @@ def test_bad_part_path_names_the_key(tiny) -> None:
     bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, args={**cfg.model.args, "transformer": "/no/such/dir"}))
     with pytest.raises(ConfigError, match=r"^model\.args\.transformer: cannot load '/no/such/dir'"):
         build(bad)
+
+
+def test_pixel_space_x0_prediction_with_text_through_the_encoder(tmp_path: Path) -> None:
+    from reca.flow import velocity_from_x0
+
+    ov = ["model.args.vae_class=none", "model.args.prediction=x0", "model.args.text_path=encoder",
+          "model.args.transformer_config.in_channels=3", "model.args.transformer_config.out_channels=3",
+          "model.args.transformer_config.sample_size=32", "model.args.transformer_config.patch_size=4",
+          "encoder.space=joint"]
+    cfg = load_config(ROOT / "configs/tiny.yaml", ov)
+    torch.manual_seed(0)
+    adapter, encoder = build(cfg)
+    adapter.eval()
+    assert adapter.vae is None and adapter.latent_size == 32 and adapter.latent_channels == 3
+    x, sem = batch(encoder)
+    assert sem.shape[1] == 1 + 4  # pooled embedding + patch tokens in the joint space
+    loss = adapter.generation_loss(x, Condition(texts=["a red circle", "a blue star"]), [1, 2])
+    assert torch.isfinite(loss)
+    # text enters through the encoder's text tower: different words, different conditions
+    a = adapter.condition(Condition(texts=["a red circle"]))
+    b = adapter.condition(Condition(texts=["a blue star"]))
+    assert not torch.allclose(a, b)
+    ims = adapter.generate(Condition(texts=["a red circle"]), seeds=[0], guidance_scale=2.0, num_steps=3)
+    assert ims[0].size == (32, 32)
+    # x0 → velocity: with x_t = (1-σ)x0 + σε the recovered velocity is ε − x0
+    x0, eps, s = torch.randn(2, 3), torch.randn(2, 3), torch.tensor(0.3)
+    torch.testing.assert_close(velocity_from_x0((1 - s) * x0 + s * eps, x0, s), eps - x0)
+    adapter.save_pretrained(tmp_path / "px")  # no VAE folder to write
+    assert not (tmp_path / "px/vae").exists()

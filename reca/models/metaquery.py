@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from reca.adapter import Condition
-from reca.flow import flow_matching_loss, guided, noisy_latents, per_sample_noise, sample_generator, sample_sigmas
+from reca.flow import (flow_matching_loss, guided, noisy_latents, per_sample_noise, sample_generator, sample_sigmas,
+                       velocity_from_x0, x0_loss)
 from reca.models.tokenizer import byte_tokenizer
 
 
@@ -43,7 +44,7 @@ class MetaQueryConfig:
     transformer_config: dict = field(default_factory=dict, metadata={"help": "constructor fields for a random transformer (tests)"})
     vae: str = field(default="", metadata={"help": "diffusers VAE: hub id or local dir; empty = random from vae_config"})
     vae_subfolder: str = field(default="", metadata={"help": "subfolder inside the VAE repo (e.g. 'vae')"})
-    vae_class: Literal["AutoencoderKL", "AutoencoderDC"] = field(default="AutoencoderKL", metadata={"help": "diffusers VAE class (Sana ships AutoencoderDC)"})
+    vae_class: Literal["AutoencoderKL", "AutoencoderDC", "none"] = field(default="AutoencoderKL", metadata={"help": "diffusers VAE class (Sana ships AutoencoderDC); none = denoise pixels directly (small images)"})
     vae_config: dict = field(default_factory=dict, metadata={"help": "constructor fields for a random VAE (tests)"})
     heads: str = field(default="", metadata={"help": "safetensors file with reca's projector, queries and connector; empty = random init"})
     num_queries: int = field(default=64, metadata={"help": "learnable query tokens appended after the prompt"})
@@ -55,6 +56,8 @@ class MetaQueryConfig:
     logit_mean: float = field(default=0.0, metadata={"help": "logit-normal mean"})
     logit_std: float = field(default=1.0, metadata={"help": "logit-normal std"})
     flow_shift: float = field(default=1.0, metadata={"help": "FlowMatchEulerDiscreteScheduler shift"})
+    prediction: Literal["velocity", "x0"] = field(default="velocity", metadata={"help": "what the DiT predicts: the flow velocity (diffusers' scripts) or the clean sample x0"})
+    text_path: Literal["lm", "encoder"] = field(default="lm", metadata={"help": "text prompts enter as LM tokens, or as the frozen encoder's text embedding through the same projector as image tokens (needs encoder.space=joint)"})
 
 
 def _load(cls, ref: str, subfolder: str, config: dict, what: str):
@@ -72,7 +75,7 @@ class MetaQueryAdapter(nn.Module):
     Config: ClassVar[type] = MetaQueryConfig
     # LoRA on the LM's and the DiT's attention, and on reca's own projector and connector layers.
     default_lora_targets: ClassVar[str] = (
-        r"(lm\..*\.(q_proj|k_proj|v_proj|o_proj))|(transformer\..*\.(to_q|to_k|to_v))|((sem_proj|connector)\.(0|2))"
+        r"(lm\..*\.(q_proj|k_proj|v_proj|o_proj))|(transformer\..*\.(to_q|to_k|to_v))|(sem_proj\.(1|3))|(connector\.(0|2))"
     )
     # OpenUni trains the connector and the DiT with the LMM frozen (DESIGN.md §1); the semantic
     # projector is trained too and kept honest by image-to-text mixing.
@@ -83,20 +86,26 @@ class MetaQueryAdapter(nn.Module):
         self.cfg = cfg
         self.resolution = cfg.resolution
         self.lm, self.tokenizer, self.transformer, self.vae = lm, tokenizer, transformer, vae
-        self.vae.requires_grad_(False).eval()  # the latent space is fixed; never trained
+        if vae is not None:
+            self.vae.requires_grad_(False).eval()  # the latent space is fixed; never trained
         hidden = lm.config.hidden_size
         cond_dim = transformer.config.caption_channels
         if cfg.semantic_dim <= 0:
             raise ValueError("model.args.semantic_dim: must be > 0 (build through reca.build, which takes it from the encoder)")
-        self.sem_proj = nn.Sequential(nn.Linear(cfg.semantic_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        # LayerNorm first: encoder tokens (and pooled vs patch tokens) differ widely in scale
+        self.sem_proj = nn.Sequential(nn.LayerNorm(cfg.semantic_dim), nn.Linear(cfg.semantic_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.queries = nn.Parameter(torch.randn(cfg.num_queries, hidden) * hidden**-0.5)
         self.connector = nn.Sequential(nn.Linear(hidden, cond_dim), nn.GELU(), nn.Linear(cond_dim, cond_dim))
         self.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift)
         self.train_sigmas = self.scheduler.sigmas.clone()  # a copy: set_timesteps overwrites them
-        vc = vae.config
-        blocks = vc.get("encoder_block_out_channels") or vc.get("block_out_channels")
-        self.latent_size = cfg.resolution // 2 ** (len(blocks) - 1)
-        self.latent_channels = vc.latent_channels
+        if vae is None:  # pixel space
+            self.latent_size, self.latent_channels = cfg.resolution, 3
+        else:
+            vc = vae.config
+            blocks = vc.get("encoder_block_out_channels") or vc.get("block_out_channels")
+            self.latent_size = cfg.resolution // 2 ** (len(blocks) - 1)
+            self.latent_channels = vc.latent_channels
+        self._encoder = None  # the frozen semantic encoder, for text_path=encoder (never a submodule)
         if cfg.heads:
             self.load_heads(cfg.heads)
 
@@ -124,7 +133,7 @@ class MetaQueryAdapter(nn.Module):
             raise ValueError(f"model.args.lm_config: vocab_size must be >= {len(tokenizer)} (the tokenizer's size)")
         transformer = _load(getattr(diffusers, args.transformer_class), args.transformer, args.transformer_subfolder,
                             args.transformer_config, "transformer")
-        vae = _load(getattr(diffusers, args.vae_class), args.vae, args.vae_subfolder, args.vae_config, "vae")
+        vae = None if args.vae_class == "none" else _load(getattr(diffusers, args.vae_class), args.vae, args.vae_subfolder, args.vae_config, "vae")
         return cls(args, lm, tokenizer, transformer, vae)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -132,7 +141,8 @@ class MetaQueryAdapter(nn.Module):
         self.lm.save_pretrained(path / "lm")
         self.tokenizer.save_pretrained(path / "lm")
         self.transformer.save_pretrained(path / "transformer")
-        self.vae.save_pretrained(path / "vae")
+        if self.vae is not None:
+            self.vae.save_pretrained(path / "vae")
         save_file({k: v.detach().contiguous().cpu() for k, v in self._heads().items()}, str(path / "heads.safetensors"))
         args = asdict(self.cfg) | {"pretrained": str(path), "lm": "", "tokenizer": "", "transformer": "", "vae": "", "heads": ""}
         (path / "reca_adapter.json").write_text(json.dumps({"adapter": f"{__name__}:{type(self).__name__}", "args": args}, indent=2))
@@ -160,8 +170,13 @@ class MetaQueryAdapter(nn.Module):
 
     def train(self, mode: bool = True) -> "MetaQueryAdapter":
         super().train(mode)
-        self.vae.eval()
+        if self.vae is not None:
+            self.vae.eval()
         return self
+
+    def attach_encoder(self, encoder) -> None:
+        """reca.build hands over the frozen encoder; used for text prompts when text_path=encoder."""
+        self._encoder = encoder
 
     # ------------------------------------------------------------------ conditioning
 
@@ -175,9 +190,16 @@ class MetaQueryAdapter(nn.Module):
     def _prompt_pieces(self, cond: Condition, drop: Sequence[bool]) -> list[torch.Tensor]:
         """Per sample, the prompt embeddings before the queries: text, or [semantic ; instruction]."""
         pieces = []
+        text_tokens = None
+        if cond.texts is not None and self.cfg.text_path == "encoder":
+            if self._encoder is None:
+                raise ValueError("model.args.text_path: 'encoder' needs the frozen encoder attached (build through reca.build)")
+            text_tokens = self.sem_proj(self._encoder.encode_text(cond.texts).to(self.queries))
         for i in range(len(cond)):
             if drop[i]:
                 pieces.append(self._embed_text("", bos=True))
+            elif text_tokens is not None:
+                pieces.append(torch.cat([self._embed_text("", bos=True), text_tokens[i]]))
             elif cond.texts is not None:
                 pieces.append(self._embed_text(cond.texts[i], bos=True))
             else:
@@ -214,6 +236,8 @@ class MetaQueryAdapter(nn.Module):
     @torch.no_grad()
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         vae = self.vae
+        if vae is None:
+            return images.float()
         out = vae.encode(images.to(vae.device, vae.dtype))
         # the distribution's mean, not a sample: deterministic, and the latent noise is negligible
         # next to the flow-matching noise (Sana's DC-AE has no distribution at all).
@@ -234,6 +258,8 @@ class MetaQueryAdapter(nn.Module):
                                 encoder_attention_mask=torch.ones(enc.shape[:2], device=enc.device)).sample
         if pred.shape[1] != x0.shape[1]:  # PixArt also predicts variance: keep the mean channels
             pred = pred[:, : x0.shape[1]]
+        if self.cfg.prediction == "x0":
+            return x0_loss(pred, x0, sigmas, self.cfg.weighting_scheme)
         return flow_matching_loss(pred, x0, noise, sigmas, self.cfg.weighting_scheme)
 
     def _understanding_batch(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]):
@@ -294,9 +320,16 @@ class MetaQueryAdapter(nn.Module):
             pred = pred[:, : self.latent_channels]
             if use_cfg:
                 pred = guided(*pred.chunk(2), guidance_scale)
+            if self.cfg.prediction == "x0":
+                pred = velocity_from_x0(latents, pred, t / self.scheduler.config.num_train_timesteps)
             latents = scheduler.step(pred, t, latents).prev_sample
         vae = self.vae
+        if vae is None:
+            return _to_images(latents)
         shift = vae.config.get("shift_factor") or 0.0
-        pixels = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
-        arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in arr]
+        return _to_images(vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample)
+
+
+def _to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
