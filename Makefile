@@ -16,8 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/toy_images.py runs/toy --n 64
-	$(LAUNCH) train.py --config configs/tiny.yaml train.output_dir=runs/tiny
+	$(PY) -m reca.demo.run --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

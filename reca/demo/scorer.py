@@ -121,7 +121,7 @@ class WorldScorer:
         predicted = self.shapes(images)
         rows = []
         for im, ps, s, c in zip(images, predicted, shapes, colours):
-            pc = palette_colour(im)
+            pc = palette_colour(im) or "none"  # an empty image has no colour
             rows.append({"shape": ps, "colour": pc, "shape_ok": ps == s, "colour_ok": pc == c, "correct": ps == s and pc == c})
         return rows
 

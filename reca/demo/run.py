@@ -1,0 +1,372 @@
+"""The demo, end to end: world → scorer → frozen encoder → UMM pretraining on biased captions →
+evaluation before → RecA and a control arm (same steps and data, no reconstruction), several seeds
+each → evaluation after → report. Every finished stage is cached under ``--out``; a re-run skips it.
+
+    python -m reca.demo.run [--out runs/demo] [--quick] [--lora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from reca.demo import encoder as demo_encoder
+from reca.demo.scorer import SCORER_TEST_SEEDS, SCORER_TRAIN_SEEDS, WorldScorer
+from reca.demo.world import CANONICAL, COLOURS, SHAPES, biased_caption, dense_caption, is_canonical, pairs, render
+
+ROOT = Path(__file__).resolve().parents[2]
+# Disjoint seed ranges (guardrail: evaluation never sees a training render or a training seed).
+SEEDS = {
+    "t2i": range(1_000_000, 1_000_000 + 100_000),
+    "i2t": range(2_000_000, 2_000_000 + 100_000),
+    "recon": range(3_000_000, 3_000_000 + 100_000),
+    "encoder": demo_encoder.ENCODER_SEEDS,
+    "encoder_test": demo_encoder.ENCODER_TEST_SEEDS,
+    "scorer": SCORER_TRAIN_SEEDS,
+    "scorer_test": SCORER_TEST_SEEDS,
+    "eval_renders": range(60_000_000, 60_100_000),
+}
+EVAL_SAMPLE_SEED = 90_000  # eval.runner derives every sample's seed from this by hashing
+INSTRUCTION = "Reconstruct this image."
+
+
+@dataclass
+class DemoSettings:
+    n_t2i: int = 6_000
+    n_i2t: int = 12_000
+    n_recon: int = 12_000
+    pretrain_steps: int = 1_200
+    pretrain_batch: int = 96
+    reca_steps: int = 300
+    reca_batch: int = 96
+    reca_shares: dict = field(default_factory=lambda: {"recon": 0.34, "t2i": 0.16, "i2t": 0.5})
+    reca_lr: float = 5e-4
+    seeds: tuple = (0, 1, 2)
+    samples: int = 32
+    guidance: float = 3.0
+    sample_steps: int = 20
+    encoder_steps: int = 800
+    lora: bool = False
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        """The reduced run of the test suite: every stage, tiny budgets, numbers meaningless."""
+        return cls(n_t2i=192, n_i2t=384, n_recon=384, pretrain_steps=6, pretrain_batch=16, reca_steps=4, reca_batch=16,
+                   seeds=(0, 1, 2), samples=2, sample_steps=2, encoder_steps=5)
+
+
+def check_guardrails() -> None:
+    ranges = sorted((r.start, r.stop, k) for k, r in SEEDS.items())
+    for (a0, a1, ka), (b0, b1, kb) in zip(ranges, ranges[1:]):
+        if a1 > b0:
+            raise AssertionError(f"seed ranges {ka} and {kb} overlap")
+
+
+def cached(path: Path, make: Callable[[], dict]) -> dict:
+    """Run a stage once; its result JSON is written atomically after the stage has finished."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    started = time.time()
+    result = make() | {"seconds": round(time.time() - started, 1)}
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
+    return result
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def write_pool(folder: Path, kind: str, n: int) -> dict:
+    """Render a pool to PNGs plus a manifest. t2i: canonical pairs, biased captions; i2t: all
+    pairs, dense captions; recon: all pairs, no caption column at all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(SEEDS[kind].start)
+    choices = pairs("canonical") if kind == "t2i" else pairs("all")
+    lines = []
+    for i, seed in enumerate(SEEDS[kind][:n]):
+        shape, colour = choices[i % len(choices)]
+        name = f"{kind}-{i:06d}.png"
+        render(shape, colour, seed).image.save(folder / name)
+        line = {"image": f"{folder.name}/{name}"}
+        if kind == "t2i":
+            line["caption"] = biased_caption(shape, colour, rng)
+        elif kind == "i2t":
+            line["caption"] = dense_caption(shape, colour)
+        lines.append(line)
+    manifest = folder.parent / f"{kind}.jsonl"
+    tmp = manifest.with_name(f".tmp-{manifest.name}")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    os.replace(tmp, manifest)
+    return {"manifest": str(manifest), "n": n}
+
+
+def audit_data(data: Path) -> dict:
+    """Guardrails, checked on the files actually written: no rare pair in any caption that reaches
+    the generation path, and no caption at all in the reconstruction pool."""
+    rare_words = {f"{c} {s}" for s, c in pairs("all") if not is_canonical(s, c)}
+    t2i = [json.loads(line) for line in (data / "t2i.jsonl").read_text().splitlines()]
+    leaked = [r["caption"] for r in t2i if any(w in r["caption"] for w in rare_words)]
+    if leaked:
+        raise AssertionError(f"rare pairs in text-to-image captions: {leaked[:3]}")
+    recon = [json.loads(line) for line in (data / "recon.jsonl").read_text().splitlines()]
+    if any(set(r) != {"image"} for r in recon):
+        raise AssertionError("the reconstruction pool must carry no captions")
+    return {"t2i_captions_checked": len(t2i), "recon_rows_without_caption": len(recon)}
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def base_overrides(out: Path) -> list[str]:
+    data = out / "data"
+    return [f"encoder.pretrained={out / 'cache/encoder.pt'}",
+            f"objectives.recon.data.path={data / 'recon.jsonl'}", f"objectives.t2i.data.path={data / 't2i.jsonl'}",
+            f"objectives.i2t.data.path={data / 'i2t.jsonl'}", "train.log_every=25"]
+
+
+def train(out_dir: Path, overrides: list[str]) -> dict:
+    from reca.config import load_config
+    from reca.trainer import fit
+
+    cfg = load_config(ROOT / "configs/demo.yaml", overrides + [f"train.output_dir={out_dir}"])
+    metrics = fit(cfg)
+    return {"final": str(out_dir / "final"), "last": metrics}
+
+
+def finetune_overrides(out: Path, s: DemoSettings, arm: str, seed: int) -> list[str]:
+    shares = dict(s.reca_shares)
+    if arm == "control":
+        shares["recon"] = 0.0  # same t2i and i2t samples per step, same steps: only reconstruction is missing
+    batch = s.reca_batch if arm == "reca" else round(s.reca_batch * (1 - s.reca_shares["recon"]))
+    ov = base_overrides(out) + [
+        f"model.args.pretrained={out / 'pretrain/final'}", f"train.max_steps={s.reca_steps}", f"train.batch_size={batch}",
+        f"train.seed={1000 + seed}", f"optim.lr={s.reca_lr}", f"optim.warmup_steps={max(1, s.reca_steps // 20)}",
+        "optim.schedule=constant", f"train.save_every={s.reca_steps}", "train.sample_every=0",
+    ] + [f"objectives.{k}.share={v}" for k, v in shares.items()]
+    if s.lora:
+        ov += ["lora.enabled=true", "lora.rank=16", "lora.alpha=32", "train.trainable=[]"]
+    return ov
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def load_model(out: Path, checkpoint: Path, lora: bool):
+    from reca.build import build, load_checkpoint
+    from reca.config import load_config
+
+    if lora and (checkpoint / "adapter_config.json").is_file():
+        cfg = load_config(ROOT / "configs/demo.yaml", base_overrides(out) + [f"model.args.pretrained={out / 'pretrain/final'}"])
+        adapter, encoder = build(cfg)
+        adapter = load_checkpoint(adapter, checkpoint)
+    else:
+        cfg = load_config(ROOT / "configs/demo.yaml", base_overrides(out) + [f"model.args.pretrained={checkpoint}"])
+        adapter, encoder = build(cfg)
+    return adapter.eval(), encoder
+
+
+def eval_prompts():
+    from eval.prompts import Prompt
+
+    items = [("rare", s, c) for s, c in pairs("rare")] + [("canonical", s, c) for s, c in pairs("canonical")]
+    return [Prompt(index=i, prompt=f"a {c} {s}", tag=tag, include=[{"class": s, "count": 1, "color": c}], exclude=[], extra={})
+            for i, (tag, s, c) in enumerate(items)]
+
+
+def evaluate(out: Path, name: str, checkpoint: Path, s: DemoSettings, scorer: WorldScorer) -> dict:
+    """Generation (through eval.runner + eval.report), understanding and reconstruction."""
+    from eval.report import score_run
+    from eval.runner import describe_model, generate
+
+    adapter, encoder = load_model(out, checkpoint, s.lora)
+    run_dir = out / "eval" / name
+    generate(adapter, eval_prompts(), run_dir, n_images=s.samples, seed=EVAL_SAMPLE_SEED, guidance_scale=s.guidance,
+             num_steps=s.sample_steps, batch_size=64, model_info=describe_model(adapter, checkpoint))
+    score_run(run_dir, scorer)
+    rows = [json.loads(line) for line in (run_dir / "scores/world/scores.jsonl").read_text().splitlines()]
+    gen = {}
+    for tag in ("rare", "canonical"):
+        tagged = [r for r in rows if r["tag"] == tag]
+        gen[tag] = {"n": len(tagged), "colour": sum(r["colour_ok"] for r in tagged), "shape": sum(r["shape_ok"] for r in tagged),
+                    "both": sum(r["correct"] for r in tagged),
+                    "drawn_canonical_colour": sum(r["colour"] == CANONICAL[r["prompt"].split()[-1]] for r in tagged)}
+    und, rec = {}, {}
+    captions = [dense_caption(sh, c) for sh, c in pairs("all")]
+    for tag in ("rare", "canonical"):
+        items = [(sh, c, seed) for k, (sh, c) in enumerate(pairs(tag)) for seed in SEEDS["eval_renders"][k * s.samples:(k + 1) * s.samples]]
+        if tag == "canonical":
+            items = [(sh, c, seed + 50_000) for sh, c, seed in items]
+        images = [render(sh, c, seed).image for sh, c, seed in items]
+        with torch.no_grad():
+            sem = encoder.encode(images)
+            # understanding: which of the 36 dense captions does the model find most likely?
+            correct = 0
+            for i, (sh, c, _) in enumerate(items):
+                logp = adapter.answer_logprob(sem[i:i + 1].expand(len(captions), -1, -1), ["Describe the image."] * len(captions), captions)
+                correct += captions[int(logp.argmax())] == dense_caption(sh, c)
+            und[tag] = {"n": len(items), "correct": int(correct)}
+            recons = adapter.generate(_recon_condition(sem), seeds=[seed for *_, seed in items], guidance_scale=s.guidance, num_steps=s.sample_steps)
+        judged = scorer.judge(recons, [sh for sh, _, _ in items], [c for _, c, _ in items])
+        rec[tag] = {"n": len(items), "both": sum(j["correct"] for j in judged), "colour": sum(j["colour_ok"] for j in judged)}
+    return {"generation": gen, "understanding": und, "reconstruction": rec}
+
+
+def _recon_condition(sem: torch.Tensor):
+    from reca.adapter import Condition
+
+    return Condition(semantic=sem, instructions=[INSTRUCTION] * len(sem))
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    from eval.report import wilson_interval
+
+    return wilson_interval(k, n)
+
+
+def across_seeds(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval over training seeds."""
+    m = float(np.mean(values))
+    if len(values) < 2:
+        return m, m, m
+    t95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(values), 2.0)
+    half = t95 * float(np.std(values, ddof=1)) / math.sqrt(len(values))
+    return m, max(0.0, m - half), min(1.0, m + half)
+
+
+METRICS = [
+    ("rare: colour+shape", ("generation", "rare", "both")),
+    ("rare: right colour", ("generation", "rare", "colour")),
+    ("rare: right shape", ("generation", "rare", "shape")),
+    ("rare: drawn in canonical colour", ("generation", "rare", "drawn_canonical_colour")),
+    ("canonical: colour+shape", ("generation", "canonical", "both")),
+    ("understanding, rare (36-way)", ("understanding", "rare", "correct")),
+    ("understanding, canonical (36-way)", ("understanding", "canonical", "correct")),
+    ("reconstruction from semantics, rare", ("reconstruction", "rare", "both")),
+]
+
+
+def summarise(results: dict[str, list[dict]]) -> dict:
+    table = {}
+    for arm, runs in results.items():
+        table[arm] = {}
+        for label, (a, b, c) in METRICS:
+            ks = [r[a][b][c] for r in runs]
+            ns = [r[a][b]["n"] for r in runs]
+            lo, hi = wilson(sum(ks), sum(ns))
+            mean, slo, shi = across_seeds([k / n for k, n in zip(ks, ns)])
+            table[arm][label] = {"pooled": sum(ks) / sum(ns), "wilson95": [lo, hi], "seed_mean": mean, "seed_t95": [slo, shi],
+                                 "per_seed": [k / n for k, n in zip(ks, ns)], "n": sum(ns)}
+    return table
+
+
+def markdown(table: dict, settings: DemoSettings, timings: dict) -> str:
+    arms = list(table)
+    lines = ["| metric | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for label, _ in METRICS:
+        cells = []
+        for arm in arms:
+            m = table[arm][label]
+            ci = m["wilson95"] if len(m["per_seed"]) == 1 else m["seed_t95"]
+            cells.append(f"{100 * m['pooled']:.1f}% [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    note = (f"\nBefore: the pretrained model ({settings.samples} samples per prompt, 6 prompts per group, Wilson 95%). "
+            f"RecA / control: {len(settings.seeds)} fine-tuning seeds × {settings.reca_steps} steps each; cell = pooled "
+            f"accuracy [95% t-interval over seeds]. Per-seed values and Wilson intervals are in report.json.\n")
+    return "\n".join(lines) + "\n" + note + "\nStage timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()) + "\n"
+
+
+def picture(out: Path, arms: dict[str, str], path: Path, per_cell: int = 4) -> None:
+    """Rows: rare prompts; column groups: before | RecA | control (seed 0), ``per_cell`` samples each."""
+    from eval.runner import sample_path
+
+    prompts = [p for p in eval_prompts() if p.tag == "rare"]
+    cell, pad, label_w, head = 32, 2, 120, 18
+    width = label_w + len(arms) * (per_cell * (cell + pad) + 8)
+    canvas = Image.new("RGB", (width, head + len(prompts) * (cell + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, arm in enumerate(arms):
+        draw.text((label_w + j * (per_cell * (cell + pad) + 8), 2), arm, fill=(0, 0, 0))
+    for i, p in enumerate(prompts):
+        y = head + i * (cell + pad)
+        draw.text((4, y + 10), p.prompt, fill=(0, 0, 0))
+        for j, run in enumerate(arms.values()):
+            for k in range(per_cell):
+                with Image.open(sample_path(out / "eval" / run, p.index, k)) as im:
+                    canvas.paste(im.convert("RGB"), (label_w + j * (per_cell * (cell + pad) + 8) + k * (cell + pad), y))
+    canvas = canvas.resize((canvas.width * 3, canvas.height * 3), Image.NEAREST)
+    tmp = path.with_name(f".tmp-{path.name}")
+    canvas.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def run(out: Path, settings: DemoSettings) -> dict:
+    check_guardrails()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    st = out / "stages"
+    timings = {}
+    t = cached(st / "scorer.json", lambda: {"accuracy": WorldScorer.load_or_train(out / "cache/scorer.pt").accuracy})
+    timings["scorer"] = t["seconds"]
+    scorer = WorldScorer.load_or_train(out / "cache/scorer.pt")
+    enc = cached(st / "encoder.json", lambda: {"zero_shot_36way": demo_encoder.pretrain(out / "cache/encoder.pt", steps=settings.encoder_steps)})
+    timings["encoder"] = enc["seconds"]
+    sizes = {"t2i": settings.n_t2i, "i2t": settings.n_i2t, "recon": settings.n_recon}
+    data = cached(st / "data.json", lambda: {k: write_pool(out / "data" / k, k, n) for k, n in sizes.items()} | {"audit": audit_data(out / "data")})
+    timings["data"] = data["seconds"]
+    pre = cached(st / "pretrain.json", lambda: train(out / "pretrain", base_overrides(out) + [
+        f"train.max_steps={settings.pretrain_steps}", f"train.batch_size={settings.pretrain_batch}",
+        f"optim.warmup_steps={min(100, settings.pretrain_steps // 10)}",
+        f"train.save_every={settings.pretrain_steps}", "train.sample_every=0"]))
+    timings["pretrain"] = pre["seconds"]
+    results: dict[str, list[dict]] = {"before": [cached(st / "eval-before.json", lambda: evaluate(out, "before", out / "pretrain/final", settings, scorer))]}
+    for arm in ("reca", "control"):
+        results[arm] = []
+        for seed in settings.seeds:
+            name = f"{arm}-seed{seed}"
+            tr = cached(st / f"train-{name}.json", lambda: train(out / name, finetune_overrides(out, settings, arm, seed)))
+            timings[f"train {name}"] = tr["seconds"]
+            results[arm].append(cached(st / f"eval-{name}.json", lambda: evaluate(out, name, out / name / "final", settings, scorer)))
+    table = summarise(results)
+    report = {"settings": asdict(settings), "scorer_accuracy": t["accuracy"], "encoder_zero_shot": enc["zero_shot_36way"],
+              "guardrails": data["audit"], "table": table, "timings": timings}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    md = markdown(table, settings, timings)
+    (out / "report.md").write_text(md)
+    picture(out, {"before": "before", "RecA (seed 0)": f"reca-seed{settings.seeds[0]}", "control (seed 0)": f"control-seed{settings.seeds[0]}"},
+            out / "rare_pairs.png", per_cell=min(4, settings.samples))
+    print(md)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--quick", action="store_true", help="the reduced run of the test suite (minutes → seconds; numbers meaningless)")
+    p.add_argument("--lora", action="store_true", help="RecA and control with LoRA instead of full fine-tuning")
+    a = p.parse_args(argv)
+    settings = DemoSettings.quick() if a.quick else DemoSettings()
+    settings.lora = a.lora
+    run(a.out, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
