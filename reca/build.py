@@ -84,23 +84,38 @@ def apply_lora(adapter: nn.Module, cfg: Config) -> nn.Module:
         raise ConfigError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
 
 
-def load_checkpoint(adapter: nn.Module, path: str | Path) -> nn.Module:
-    """A trained result for evaluation: a PEFT adapter dir (merged into the model) or a full
-    ``model.safetensors`` state written by the trainer."""
+def load_checkpoint(adapter: nn.Module, path: str | Path, encoder: FrozenEncoder | None = None) -> nn.Module:
+    """A trained result, for evaluation: a PEFT adapter folder (merged into ``adapter``), a full
+    model written by the adapter's ``save_pretrained`` (``reca_adapter.json``, rebuilt from it), or a
+    trainer checkpoint (``checkpoint-N/``: its LoRA ``adapter/`` or its ``model.safetensors``)."""
     path = Path(path)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
         return PeftModel.from_pretrained(adapter, str(path)).merge_and_unload()
+    if (path / "reca_adapter.json").is_file():
+        saved = json.loads((path / "reca_adapter.json").read_text())
+        cls = import_adapter(saved["adapter"])
+        args = saved["args"]
+        if "pretrained" in {f.name for f in dataclasses.fields(cls.Config)}:
+            args = {**args, "pretrained": str(path)}  # the convention: a save_pretrained folder is loaded by this key
+        rebuilt = cls.from_config(from_dict(cls.Config, args, f"{path}/reca_adapter.json: args"))
+        if encoder is not None and hasattr(rebuilt, "attach_encoder"):
+            rebuilt.attach_encoder(encoder)
+        return rebuilt.to(next(adapter.parameters()).dtype)
+    if (path / "adapter" / "adapter_config.json").is_file():
+        return load_checkpoint(adapter, path / "adapter", encoder)
     weights = path / "model.safetensors"
     if weights.is_file():
         from safetensors.torch import load_file
 
-        missing, unexpected = adapter.load_state_dict(load_file(str(weights)), strict=False)
+        # the trainer saves RecATask, whose state names start with "umm."
+        state = {k.removeprefix("umm."): v for k, v in load_file(str(weights)).items()}
+        _, unexpected = adapter.load_state_dict(state, strict=False)
         if unexpected:
             raise ConfigError(f"--checkpoint {path}: weights do not fit this adapter (e.g. {unexpected[0]})")
         return adapter
-    raise ConfigError(f"--checkpoint {path}: neither a PEFT adapter dir (adapter_config.json) nor a full checkpoint (model.safetensors)")
+    raise ConfigError(f"--checkpoint {path}: not a PEFT adapter (adapter_config.json), a saved model (reca_adapter.json) or a trainer checkpoint (model.safetensors)")
 
 
 def read_run_config(checkpoint: str | Path) -> dict:

@@ -61,6 +61,7 @@ class ObjectiveConfig:
 
 @dataclass
 class ReconConfig(ObjectiveConfig):
+    share: float = _f(1.0, "fraction of each step's batch given to reconstruction (0 = off)")
     instructions: Literal["bank", "fixed"] = _f("bank", "draw the reconstruction instruction from reca's bank, or always use fixed_instruction")
     fixed_instruction: str = _f("Reconstruct this image.", "the instruction when instructions=fixed")
     instruction_dropout: float = _f(0.0, "probability of giving no instruction at all")
@@ -68,7 +69,7 @@ class ReconConfig(ObjectiveConfig):
 
 @dataclass
 class ObjectivesConfig:
-    recon: ReconConfig = field(default_factory=lambda: ReconConfig(share=1.0), metadata={"help": "RecA: reconstruct the image from its frozen semantic tokens; needs no captions"})
+    recon: ReconConfig = field(default_factory=ReconConfig, metadata={"help": "RecA: reconstruct the image from its frozen semantic tokens; needs no captions"})
     t2i: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "text-to-image on captioned images"})
     i2t: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "image-to-text (captioning) to keep understanding; needed where parameters are shared"})
     i2t_prompt: str = _f("Describe the image.", "the question asked before each caption in image-to-text")

@@ -144,7 +144,8 @@ class MetaQueryAdapter(nn.Module):
         if self.vae is not None:
             self.vae.save_pretrained(path / "vae")
         save_file({k: v.detach().contiguous().cpu() for k, v in self._heads().items()}, str(path / "heads.safetensors"))
-        args = asdict(self.cfg) | {"pretrained": str(path), "lm": "", "tokenizer": "", "transformer": "", "vae": "", "heads": ""}
+        # "pretrained" is filled in with the folder's path when it is loaded (it may be moved)
+        args = asdict(self.cfg) | {"pretrained": "", "lm": "", "tokenizer": "", "transformer": "", "vae": "", "heads": ""}
         (path / "reca_adapter.json").write_text(json.dumps({"adapter": f"{__name__}:{type(self).__name__}", "args": args}, indent=2))
 
     def _heads(self) -> dict[str, torch.Tensor]:

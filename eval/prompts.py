@@ -1,0 +1,237 @@
+"""Prompt sets for attribute-binding evaluation, all in GenEval's schema.
+
+One record type, :class:`Prompt`, for every source:
+
+* ``builtin`` — ``eval/data/attribute_binding.jsonl``, written for reca: counter-canonical colour–object
+  pairs ("a yellow broccoli", tag ``color_rare``) each with its canonical control ("a green
+  broccoli", ``color_canonical``), shape and texture bindings (``shape``/``texture``; the attribute
+  sits in each include item under ``"attribute"``) and two-object colour binding (``color_attr``).
+  Colours are only GenEval's ten, so GenEval's colour classifier applies unchanged.
+* GenEval ``evaluation_metadata.jsonl`` (``load_geneval``): one JSON object a line; unknown keys are
+  kept in ``Prompt.extra`` (variants of the file add fields).
+* T2I-CompBench ``{category}_val.txt`` (``load_t2i_compbench``): one prompt a line, tag = category.
+  Simple "a ATTR NOUN and a ATTR NOUN" lines are parsed into include items so that attribute
+  scorers can check them; other lines keep an empty ``include`` (scorers then fall back to the
+  whole prompt).
+
+The ``index`` of a prompt is its position in the set (0-based, blank lines skipped). It names the
+output folder (``00042/``), so it must not depend on anything but the file's content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+BUILTIN_PATH = DATA_DIR / "attribute_binding.jsonl"
+OBJECT_NAMES_PATH = DATA_DIR / "object_names.txt"
+
+#: GenEval's colour vocabulary (its order is GenEval's; it also breaks ties in argmax).
+COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+
+T2I_COMPBENCH_CATEGORIES: tuple[str, ...] = ("color", "shape", "texture")
+
+_GENEVAL_KEYS = ("tag", "prompt", "include", "exclude")
+
+
+class EvalError(ValueError):
+    """A bad input to the evaluation suite; the message is one line naming the file or field."""
+
+
+@dataclass
+class Prompt:
+    """One evaluation prompt in GenEval's schema.
+
+    ``include`` items: ``{"class": str, "count": int, "color"?: str, "position"?: [relation, i],
+    "attribute"?: str}``; ``exclude`` items: ``{"class": str, "count": int}``; ``extra`` holds any
+    other top-level keys of the source line, written back unchanged by :meth:`to_geneval`.
+    """
+
+    index: int
+    prompt: str
+    tag: str
+    include: list[dict] = field(default_factory=list)
+    exclude: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def to_geneval(self) -> dict[str, Any]:
+        """The GenEval metadata line for this prompt (what ``<index>/metadata.jsonl`` holds)."""
+        line: dict[str, Any] = {"tag": self.tag, "include": self.include}
+        if self.exclude:
+            line["exclude"] = self.exclude
+        line["prompt"] = self.prompt
+        line.update(self.extra)
+        return line
+
+    @classmethod
+    def from_geneval(cls, index: int, line: dict[str, Any], where: str) -> "Prompt":
+        """Parse one GenEval line (a dict); ``where`` ("file:line") prefixes every error."""
+        if not isinstance(line, dict):
+            raise EvalError(f"{where}: expected a JSON object, got {type(line).__name__}")
+        prompt = line.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise EvalError(f"{where}: field 'prompt' must be a non-empty string")
+        tag = line.get("tag", "")
+        if not isinstance(tag, str):
+            raise EvalError(f"{where}: field 'tag' must be a string")
+        include = _items(line.get("include", []), "include", where)
+        exclude = _items(line.get("exclude", []), "exclude", where)
+        extra = {k: v for k, v in line.items() if k not in _GENEVAL_KEYS}
+        return cls(index=index, prompt=prompt, tag=tag, include=include, exclude=exclude, extra=extra)
+
+
+def _items(value: Any, name: str, where: str) -> list[dict]:
+    if not isinstance(value, list):
+        raise EvalError(f"{where}: field '{name}' must be a list")
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or not isinstance(item.get("class"), str):
+            raise EvalError(f"{where}: {name}[{i}] must be an object with a string 'class'")
+        if not isinstance(item.get("count", 1), int):
+            raise EvalError(f"{where}: {name}[{i}].count must be an integer")
+        color = item.get("color")
+        if color is not None and color not in COLORS:
+            raise EvalError(f"{where}: {name}[{i}].color '{color}' is not one of GenEval's colours {list(COLORS)}")
+    return [dict(item) for item in value]
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed object) for every non-blank line; a malformed line fails naming file:line."""
+    rows = []
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rows.append((lineno, json.loads(raw)))
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    return rows
+
+
+def load_geneval(path: str | Path) -> list[Prompt]:
+    """GenEval ``evaluation_metadata.jsonl`` (or any file in its schema, e.g. the builtin set)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"{path}: no such prompt file")
+    prompts: list[Prompt] = []
+    for lineno, line in read_jsonl(path):
+        prompts.append(Prompt.from_geneval(len(prompts), line, f"{path}:{lineno}"))
+    if not prompts:
+        raise EvalError(f"{path}: contains no prompts")
+    return prompts
+
+
+def load_t2i_compbench(path_or_dir: str | Path, categories: Sequence[str] = T2I_COMPBENCH_CATEGORIES) -> list[Prompt]:
+    """T2I-CompBench ``{category}_val.txt`` files: a directory holding them (read in the order of
+    ``categories``, never listing order) or one such file. Indices run on across files."""
+    path = Path(path_or_dir)
+    if path.is_dir():
+        files = [(cat, path / f"{cat}_val.txt") for cat in categories]
+        missing = [str(f) for _, f in files if not f.is_file()]
+        if missing:
+            raise EvalError(f"{path}: missing T2I-CompBench file(s) {', '.join(missing)}")
+    elif path.is_file():
+        files = [(path.name.removesuffix(".txt").removesuffix("_val"), path)]
+    else:
+        raise EvalError(f"{path}: no such T2I-CompBench file or directory")
+    prompts: list[Prompt] = []
+    for category, file in files:
+        for lineno, raw in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+            text = raw.strip()
+            if not text:
+                continue
+            prompts.append(Prompt(index=len(prompts), prompt=text, tag=category,
+                                  include=parse_attribute_phrases(text, category),
+                                  extra={"source": f"{file.name}:{lineno}"}))
+    if not prompts:
+        raise EvalError(f"{path}: contains no prompts")
+    return prompts
+
+
+def load_builtin() -> list[Prompt]:
+    """reca's attribute-binding set (``eval/data/attribute_binding.jsonl``)."""
+    return load_geneval(BUILTIN_PATH)
+
+
+def load_prompts(spec: str | Path) -> list[Prompt]:
+    """``"builtin"``, a GenEval-schema ``.jsonl``, a T2I-CompBench ``.txt`` or a directory of them."""
+    if str(spec) == "builtin":
+        return load_builtin()
+    path = Path(spec)
+    if path.is_dir():
+        return load_t2i_compbench(path)
+    if path.suffix == ".jsonl":
+        return load_geneval(path)
+    if path.suffix == ".txt":
+        return load_t2i_compbench(path)
+    raise EvalError(f"--prompts {spec}: expected 'builtin', a .jsonl (GenEval schema), a .txt or a directory of T2I-CompBench files")
+
+
+def prompt_source_files(spec: str | Path) -> list[Path]:
+    """The files ``load_prompts(spec)`` reads, in reading order (hashed into the run manifest)."""
+    if str(spec) == "builtin":
+        return [BUILTIN_PATH]
+    path = Path(spec)
+    if path.is_dir():
+        return [path / f"{cat}_val.txt" for cat in T2I_COMPBENCH_CATEGORIES]
+    return [path]
+
+
+def prompts_digest(prompts: Iterable[Prompt]) -> str:
+    """sha256 of the prompts' canonical GenEval lines, sorted by index: identifies a prompt set
+    whatever file (or formatting) it came from."""
+    h = hashlib.sha256()
+    for p in sorted(prompts, key=lambda p: p.index):
+        h.update(json.dumps({"index": p.index, **p.to_geneval()}, sort_keys=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def load_object_names(path: str | Path = OBJECT_NAMES_PATH) -> list[str]:
+    """GenEval's 80 COCO class names (copied from GenEval, MIT; see data/LICENSE.geneval)."""
+    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise EvalError(f"{path}: no object names")
+    return names
+
+
+# --------------------------------------------------------------------------- T2I-CompBench parsing
+
+_ARTICLE = re.compile(r"^(?:a|an|the)\s+")
+_PHRASE = re.compile(r"^([a-z]+)\s+([a-z][a-z '\-]*[a-z])$")
+_SIMPLE_LINE = re.compile(r"^[a-z][a-z '\-]*$")
+
+
+def parse_attribute_phrases(text: str, category: str) -> list[dict]:
+    """Best-effort include items for "a ATTR NOUN and a ATTR NOUN" prompts; ``[]`` otherwise.
+
+    Only lowercase, punctuation-free lines are parsed (the benchmark's templated ones); its
+    free-form captions ("A small white kitchen with brown wood floor.") would be guessed wrong,
+    so they are left for whole-prompt scoring instead. Colours outside GenEval's ten (e.g. "gray")
+    are kept as ``attribute`` only, so GenEval-style colour scorers do not misread them.
+    """
+    if not _SIMPLE_LINE.match(text):
+        return []
+    items = []
+    for phrase in text.split(" and "):
+        m = _PHRASE.match(_ARTICLE.sub("", phrase.strip()))
+        if m is None:
+            return []
+        attribute, noun = m.group(1), m.group(2).strip()
+        item: dict[str, Any] = {"class": noun, "count": 1, "attribute": attribute}
+        if category == "color" and attribute in COLORS:
+            item["color"] = attribute
+        items.append(item)
+    return items
+
+
+def attribute_of(item: dict) -> str | None:
+    """The attribute an include item binds: its GenEval ``color``, else reca's ``attribute``."""
+    return item.get("color") or item.get("attribute")
