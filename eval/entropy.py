@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# Pairs closer than this (relative to their squared norms after centring) count as identical: the
-# Gram-trick distance ‖a‖² + ‖b‖² − 2a·b has a round-off floor of a few ulps of ‖a‖² + ‖b‖², so
-# without the snap repeated tokens would look microscopically distinct and set σ to noise.
+# Pairs with ‖a − b‖² ≤ _SNAP · (‖a‖² + ‖b‖²) (after centring) count as identical. The Gram trick
+# ‖a‖² + ‖b‖² − 2a·b has a round-off floor of ~eps·√d·(‖a‖² + ‖b‖²) (≈1e-14 relative at d = 2048),
+# so without the snap repeated tokens look microscopically distinct and, when they are most pairs,
+# set the median σ to noise. A relative distance of 1e-6 is below what fp32/bf16 states resolve.
 _SNAP = 1e-12
 
 
@@ -91,18 +92,21 @@ def median_sigma(z: Tensor) -> float:
     return _median_sigma_from_d2(squared_distances(z))
 
 
+def _gram_from_d2(d2: Tensor, sigma: float | None) -> Tensor:
+    if sigma is None:
+        sigma = _median_sigma_from_d2(d2)
+        if sigma == 0.0:  # all tokens identical: K = 1 for any σ
+            return torch.ones_like(d2)
+    elif sigma <= 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    return torch.exp(-d2 / (2.0 * sigma * sigma))
+
+
 def gaussian_gram(z: Tensor, sigma: float | None = None) -> Tensor:
     """K_ij = exp(−‖z_i − z_j‖² / 2σ²) in float64; σ = :func:`median_sigma` when None.
 
     All tokens identical (σ = 0) gives the all-ones matrix, the limit for any σ."""
-    d2 = squared_distances(z)
-    if sigma is None:
-        sigma = _median_sigma_from_d2(d2)
-    elif sigma <= 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    if sigma == 0.0:
-        return torch.ones_like(d2)
-    return torch.exp(-d2 / (2.0 * sigma * sigma))
+    return _gram_from_d2(squared_distances(z), sigma)
 
 
 def renyi_entropy_from_gram(K: Tensor, alpha: float = 1.01, base: float = math.e) -> float:
@@ -143,11 +147,7 @@ def renyi_entropy(
     d2 = squared_distances(z)
     if not bool(d2.any()):
         return 0.0
-    if sigma is None:
-        sigma = _median_sigma_from_d2(d2)
-    elif sigma <= 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    return renyi_entropy_from_gram(torch.exp(-d2 / (2.0 * sigma * sigma)), alpha, base)
+    return renyi_entropy_from_gram(_gram_from_d2(d2, sigma), alpha, base)
 
 
 def conditional_entropy(
@@ -177,13 +177,9 @@ def conditional_entropy(
     if len(r) == 0:
         return 0.0
     d2 = squared_distances(torch.cat([_as_f64(p), _as_f64(r)]))
-    if sigma is None:
-        sigma = _median_sigma_from_d2(d2)
-        if sigma == 0.0:  # every token identical: both entropies are 0
-            return 0.0
-    elif sigma <= 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    K = torch.exp(-d2 / (2.0 * sigma * sigma))
+    if not bool(d2.any()):  # every token identical: both entropies are exactly 0
+        return 0.0
+    K = _gram_from_d2(d2, sigma)  # one σ for the joint matrix and its prompt block
     n_p = len(p)
     h_pp = renyi_entropy_from_gram(K[:n_p, :n_p], alpha, base) if n_p else 0.0
     return renyi_entropy_from_gram(K, alpha, base) - h_pp

@@ -101,3 +101,14 @@ class HasOwnEncoder(Protocol):
     (``encoder.kind: umm``)."""
 
     def semantic_encoder(self) -> Any: ...
+
+
+@runtime_checkable
+class Traceable(Protocol):
+    """Optional: per-layer hidden states for the pseudo-unification entropy probe (eval/probe.py)."""
+
+    def hidden_states(self, cond: Condition, answers: Sequence[str] | None = None) -> list[tuple[list[torch.Tensor], int]]:
+        """Per sample: hidden states ``(T, d)`` of every layer (embeddings first) over [prompt ;
+        response], and the prompt length. Response = the answer's tokens when ``answers`` is given
+        (text generation), else the positions that carry the generated image."""
+        ...

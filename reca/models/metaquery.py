@@ -300,6 +300,30 @@ class MetaQueryAdapter(nn.Module):
         logp, _ = self._answer_token_logprobs(semantic, prompts, answers)
         return logp.sum(1)
 
+    # ------------------------------------------------------------------ probe
+
+    @torch.no_grad()
+    def hidden_states(self, cond: Condition, answers: Sequence[str] | None = None) -> list[tuple[list[torch.Tensor], int]]:
+        """Per sample: the LM's hidden states ``(T, d)`` at every layer (embeddings first) over
+        [prompt ; response], and the prompt length. The response is the answer's tokens when
+        ``answers`` is given (text generation; ``cond.instructions`` are the questions), else the
+        learnable queries — in this architecture they are what carries the image to the DiT, so
+        they are the image response (reca.adapter.Traceable)."""
+        base = getattr(self.lm, self.lm.base_model_prefix)
+        if answers is None:
+            pieces = self._prompt_pieces(cond, [False] * len(cond))
+            seqs = [(torch.cat([p, self.queries.to(p.dtype)]), p.shape[0]) for p in pieces]
+        else:
+            if cond.semantic is None:
+                raise ValueError("text responses are traced for image prompts (captioning): give Condition(semantic=...)")
+            embeds, mask, labels = self._understanding_batch(cond.semantic, cond.instructions, answers)
+            seqs = [(embeds[i, : int(mask[i].sum())], int((labels[i] != -100).nonzero()[0])) for i in range(len(embeds))]
+        out = []
+        for seq, prompt_len in seqs:  # one sequence at a time: no padding inside the states
+            states = base(inputs_embeds=seq[None], output_hidden_states=True).hidden_states
+            out.append(([h[0].float().cpu() for h in states], prompt_len))
+        return out
+
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
