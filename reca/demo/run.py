@@ -228,6 +228,21 @@ def _recon_condition(sem: torch.Tensor):
     return Condition(semantic=sem, instructions=[INSTRUCTION] * len(sem))
 
 
+def probe(out: Path, name: str, checkpoint: Path, s: DemoSettings) -> dict:
+    """The entropy probe on one checkpoint: all 36 pairs as text prompts and as captioned renders."""
+    from eval.probe import analyse, collect_traces, save_json
+
+    adapter, encoder = load_model(out, checkpoint, s.lora)
+    items = pairs("all")
+    renders = [render(sh, c, seed).image for (sh, c), seed in zip(items, SEEDS["eval_renders"][-len(items):])]
+    with torch.no_grad():
+        encoding, response = collect_traces(adapter, encoder, [dense_caption(sh, c) for sh, c in items], renders,
+                                            [dense_caption(sh, c) for sh, c in items])
+    result = analyse(encoding, response, drop_first=1, n_resamples=200 if s.samples < 8 else 1000)
+    save_json(result, out / "probe" / f"{name}.json")
+    return {"json": str(out / "probe" / f"{name}.json")}
+
+
 # ------------------------------------------------------------------------------ report
 
 
@@ -344,11 +359,21 @@ def run(out: Path, settings: DemoSettings) -> dict:
             tr = cached(st / f"train-{name}.json", lambda: train(out / name, finetune_overrides(out, settings, arm, seed)))
             timings[f"train {name}"] = tr["seconds"]
             results[arm].append(cached(st / f"eval-{name}.json", lambda: evaluate(out, name, out / name / "final", settings, scorer)))
+    probes = {}
+    for label, name, ckpt in (("before", "before", out / "pretrain/final"),
+                              ("RecA", f"reca-seed{settings.seeds[0]}", out / f"reca-seed{settings.seeds[0]}/final"),
+                              ("control", f"control-seed{settings.seeds[0]}", out / f"control-seed{settings.seeds[0]}/final")):
+        probes[label] = cached(st / f"probe-{name}.json", lambda: probe(out, name, ckpt, settings))["json"]
+    from eval.probe import compare as probe_compare
+    from eval.probe import load_json, plot as probe_plot
+
+    probe_results = {k: load_json(v) for k, v in probes.items()}
+    probe_plot(probe_results, out / "probe.png")
     table = summarise(results)
     report = {"settings": asdict(settings), "scorer_accuracy": t["accuracy"], "encoder_zero_shot": enc["zero_shot_36way"],
               "guardrails": data["audit"], "table": table, "timings": timings}
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    md = markdown(table, settings, timings)
+    md = markdown(table, settings, timings) + "\n### Entropy probe (seed 0 checkpoints; probe.png)\n\n" + probe_compare(probe_results)
     (out / "report.md").write_text(md)
     picture(out, {"before": "before", "RecA (seed 0)": f"reca-seed{settings.seeds[0]}", "control (seed 0)": f"control-seed{settings.seeds[0]}"},
             out / "rare_pairs.png", per_cell=min(4, settings.samples))
