@@ -100,7 +100,9 @@ class HasOwnEncoder(Protocol):
     """Optional: adapters whose own understanding encoder can serve as the frozen semantic encoder
     (``encoder.kind: umm``)."""
 
-    def semantic_encoder(self) -> Any: ...
+    def semantic_encoder(self, layer: int = -1, input_size: int = 0) -> Any:
+        """A :class:`reca.encoders.FrozenEncoder` over the model's own understanding encoder."""
+        ...
 
 
 @runtime_checkable

@@ -76,7 +76,10 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
                 raise ConfigError(f"train.{flag}: {type(adapter).__name__} has no {method}(); set it to false")
             getattr(adapter, method)()
     if warning := bottleneck_check(encoder, adapter.resolution):
-        log.warning(warning)
+        if reason := getattr(adapter, "bottleneck_by_design", ""):  # e.g. SigLIP in, VQ tokens out (Janus)
+            print(f"no encoder.input_size bottleneck needed: {reason}")
+        else:
+            log.warning(warning)
     if cfg.lora.enabled:
         umm = apply_lora(adapter, cfg)
     else:
