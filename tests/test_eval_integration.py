@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, tiny_overrides
+from conftest import ROOT, TINY, tiny_overrides
 from eval.cli import main as eval_main
 from reca.config import load_config
 
@@ -34,3 +34,16 @@ def test_generate_score_compare_before_and_after_training(toy_data, tmp_path: Pa
     a = (tmp_path / "after/00000/samples/0000.png").read_bytes()
     assert a != b
     assert list((tmp_path / "cmp").glob("*.md"))
+
+
+def test_pipeline_on_a_tiny_janus(toy_data, tmp_path: Path) -> None:
+    config = str(ROOT / "configs/janus_tiny.yaml")
+    data = [f"objectives.{k}.data.path={toy_data}" for k in ("recon", "i2t")]
+    common = ["--config", config, "--prompts", "builtin", "--n", "1", "--batch-size", "16"]
+    assert eval_main(["generate", *common, "--out", str(tmp_path / "a"), *data]) == 0
+    assert eval_main(["generate", *common, "--out", str(tmp_path / "b"), "--seed", "1", *data]) == 0
+    for side in ("a", "b"):
+        assert eval_main(["score", "--run", str(tmp_path / side), "--scorer", "vqa", "--config", config, *data]) == 0
+    assert eval_main(["compare", "--before", str(tmp_path / "a"), "--after", str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
+    results = json.loads((tmp_path / "a/scores/vqa/results.json").read_text())
+    assert results["scorer"] == "vqa" and results["overall"] is not None

@@ -49,3 +49,15 @@ def test_probe_cli_runs_before_and_after_and_plots(toy_data, tmp_path: Path) -> 
     assert probe_main(["plot", "--inputs", f"before={tmp_path / 'before.json'}", f"after={tmp_path / 'after.json'}",
                        "--out", str(tmp_path / "probe.png")]) == 0
     assert (tmp_path / "probe.png").stat().st_size > 1000
+
+
+def test_probe_runs_on_a_tiny_janus(toy_data, tmp_path: Path) -> None:
+    from conftest import ROOT
+
+    data = [f"objectives.{k}.data.path={toy_data}" for k in ("recon", "i2t")]
+    out = tmp_path / "janus.json"
+    assert probe_main(["run", "--config", str(ROOT / "configs/janus_tiny.yaml"), "--images", str(toy_data), "--n", "4",
+                       "--out", str(out), *data]) == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["encoding"]["gap"] is not None and summary["response"]["gap"] is not None
+    assert probe_main(["plot", "--inputs", f"janus={out}", "--out", str(tmp_path / "p.png")]) == 0
