@@ -1,180 +1,357 @@
 """Data: image folders, jsonl/csv manifests and Hugging Face datasets, read through ``datasets``.
 
-Images stay undecoded until a batch is assembled, so a broken file can only ever be skipped, never
-crash a run. Conversions (grayscale, palette, CMYK, alpha) and skips (missing, undecodable, tiny)
-are counted per batch and summed into the training log — never a silent change of results.
+Images stay undecoded (paths or bytes) until a batch is assembled, so a broken file can only ever
+be skipped, never crash a run. Skips (missing, undecodable, tiny, no_caption) and conversions
+(grayscale, palette, cmyk, alpha, orientation) are counted per batch and summed into the training
+log: never a silent change of what the model sees.
+
+The stream of one rank is a sequence of *positions* (epoch after epoch of its shard). A batch is
+the next ``batch_size`` usable positions, so the stream is a pure function of (data, seed, rank,
+world size): loader workers and resumption change how it is computed, never what it is.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import datasets
+import numpy as np
 import torch
+from datasets.distributed import split_dataset_by_node
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger("reca.data")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+SHUFFLE_BUFFER = 1000  # streaming shuffle window: datasets' default, enough to break file order
+STREAM_SKIP_LIMIT = 100_000  # unusable rows in a row before a stream of unknown size is called empty
+ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+GRAY_MODES = {"1", "L", "LA", "La", "I", "F"}  # plus every "I;16…" variant
 
 
 @dataclass
 class DataSource:
-    path: str = field(default="", metadata={"help": "folder of images, .jsonl/.csv manifest (image path + optional caption), or a dataset name / save_to_disk dir"})
-    split: str = field(default="train", metadata={"help": "dataset split"})
+    path: str = field(default="", metadata={"help": "folder of images, a .jsonl/.csv manifest (columns: image path, optional caption), or a dataset name/dir loadable offline by datasets.load_dataset"})
+    split: str = field(default="train", metadata={"help": "dataset split (datasets and save_to_disk dicts)"})
     image_column: str = field(default="image", metadata={"help": "image column in manifests and datasets"})
     caption_column: str = field(default="caption", metadata={"help": "caption column; empty = none (reconstruction needs none)"})
-    streaming: bool = field(default=False, metadata={"help": "stream a large dataset instead of loading its index"})
+    streaming: bool = field(default=False, metadata={"help": "stream instead of indexing (datasets IterableDataset), for sets too large to index"})
     min_side: int = field(default=16, metadata={"help": "images whose shorter side is below this are skipped as tiny"})
 
 
+# ----------------------------------------------------------------------------------- opening
+
 def open_source(src: DataSource, *, need_captions: bool, key: str = "data") -> datasets.Dataset | datasets.IterableDataset:
-    """Open a source without decoding any image."""
-    path = Path(src.path)
-    if path.is_dir() and not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
-        files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"{key}.path: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
-        ds = datasets.Dataset.from_dict({src.image_column: files})
+    """Open ``src`` without decoding any image; ``key`` (e.g. ``objectives.recon.data``) names it in errors."""
+    path = Path(src.path).expanduser()
+    if not src.path:
+        raise FileNotFoundError(f"{key}.path is empty: set a folder of images, a .jsonl/.csv manifest or a dataset name")
+    if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):  # save_to_disk
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if src.split not in ds:
+                raise ValueError(f"{key}.split: no split '{src.split}' in {path} (splits: {', '.join(ds)})")
+            ds = ds[src.split]
+        ds = ds.to_iterable_dataset() if src.streaming else ds
     elif path.suffix in (".jsonl", ".csv"):
         if not path.is_file():
             raise FileNotFoundError(f"{key}.path: no such manifest {path}")
-        ds = datasets.load_dataset("json" if path.suffix == ".jsonl" else "csv", data_files=str(path), split="train",
-                                   streaming=src.streaming)
-        root = str(path.parent)
-        ds = ds.map(lambda row: {src.image_column: _resolve(row[src.image_column], root)})
-    elif path.is_dir():
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[src.split]
-    else:
+        ds = datasets.load_dataset("json" if path.suffix == ".jsonl" else "csv", data_files=str(path), split="train", streaming=src.streaming)
+        _require_columns(ds, src, key, need_captions)
+        # relative image paths are relative to the manifest, not to wherever training was launched
+        ds = ds.map(_resolve, fn_kwargs={"column": src.image_column, "root": str(path.parent.resolve())})
+    elif path.is_dir() and (files := sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)):
+        # A plain listing rather than the imagefolder builder: nothing is opened, so a broken file
+        # is met (and counted) only when its batch is assembled.
+        ds = datasets.Dataset.from_dict({src.image_column: files})
+        ds = ds.to_iterable_dataset() if src.streaming else ds
+    else:  # a dataset name in the local HF cache, or a folder of parquet/arrow/json files
         try:
             ds = datasets.load_dataset(src.path, split=src.split, streaming=src.streaming)
-        except Exception as e:  # datasets raises many types for "not found"
-            raise FileNotFoundError(f"{key}.path: '{src.path}' is neither a folder, a manifest nor a loadable dataset ({str(e).splitlines()[0]})") from None
-    columns = ds.column_names or []
+        except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+            raise FileNotFoundError(f"{key}.path: '{src.path}' is neither an image folder, a .jsonl/.csv manifest nor a dataset "
+                                    f"loadable offline ({str(e).splitlines()[0]})") from None
+    _require_columns(ds, src, key, need_captions)
+    return _undecoded(ds, src.image_column)
+
+
+def _columns(ds: datasets.Dataset | datasets.IterableDataset) -> list[str]:
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    # a streamed json/csv has no schema until read: its first row tells
+    return list(next(iter(ds.iter(batch_size=1)), {}).keys())
+
+
+def _require_columns(ds, src: DataSource, key: str, need_captions: bool) -> None:
+    columns = _columns(ds)
     if src.image_column not in columns:
         raise ValueError(f"{key}.image_column: '{src.image_column}' is not a column of {src.path} (columns: {', '.join(columns)})")
     if need_captions and (not src.caption_column or src.caption_column not in columns):
-        raise ValueError(f"{key}.caption_column: this objective needs captions but '{src.caption_column}' is not a column of {src.path} (columns: {', '.join(columns)})")
-    features = ds.features or {}
-    if isinstance(features.get(src.image_column), datasets.Image):
-        ds = ds.cast_column(src.image_column, datasets.Image(decode=False))  # decode later, where failures are counted
+        raise ValueError(f"{key}.caption_column: this objective needs captions but '{src.caption_column}' is not a column "
+                         f"of {src.path} (columns: {', '.join(columns)})")
+
+
+def _resolve(row: dict, column: str, root: str) -> dict:
+    value = row[column]
+    return {column: str(Path(root) / value) if isinstance(value, str) and value and not Path(value).is_absolute() else value}
+
+
+def _undecoded(ds, column: str):
+    """Datasets decode ``Image`` features on access; undo that so decoding happens where failures are counted."""
+    feature = (ds.features or {}).get(column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return ds.cast_column(column, datasets.Image(decode=False))
     return ds
 
 
-def _resolve(value: Any, root: str) -> Any:
-    return str(Path(root) / value) if isinstance(value, str) and not Path(value).is_absolute() else value
-
+# ----------------------------------------------------------------------------------- decoding
 
 def load_image(value: Any, min_side: int = 16) -> tuple[Image.Image | None, str | None]:
-    """An RGB image, or ``(None, reason)``; a conversion is reported as ``"converted:<kind>"``."""
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode half grey
+    """An RGB image and ``None`` or ``"converted:<kind>[,<kind>…]"``, or ``(None, reason)`` with reason
+    one of ``missing``, ``undecodable``, ``tiny``. Never raises for a bad image."""
+    # Pillow's global switch: with it on, a truncated file decodes with a grey bottom instead of failing
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         if isinstance(value, Image.Image):
-            image = value
-        elif isinstance(value, dict):
-            image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-        else:
-            image = Image.open(value)
-        image.load()
-        image = ImageOps.exif_transpose(image)
+            return _finish(value, min_side)
+        if isinstance(value, dict):  # how datasets stores an undecoded image
+            value = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+        if not value:
+            return None, "missing"
+        with Image.open(value) as image:
+            image.load()  # the full decode: header-only checks miss truncation
+            return _finish(image, min_side)
     except FileNotFoundError:
         return None, "missing"
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
         return None, "undecodable"
+
+
+def _finish(image: Image.Image, min_side: int) -> tuple[Image.Image | None, str | None]:
     if min(image.size) < min_side:
         return None, "tiny"
-    return _to_rgb(image)
-
-
-def _to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
+    kinds = []
+    if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation: the pixels are stored rotated/flipped
+        image = ImageOps.exif_transpose(image)
+        kinds.append("orientation")
     mode = image.mode
-    if mode == "RGB":
-        return image, None
-    if mode == "P":
-        image = image.convert("RGBA")
-        mode = "PA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        # transparent pixels have undefined (often black) RGB: composite on white, as viewers show them
+    if mode.startswith("I") or mode == "F":
+        image = _gray8(image)
+    if mode in ("P", "PA"):
+        kinds.append("palette")
+        image = image.convert("RGBA")  # carries the palette's transparency, if any, as alpha
+    elif mode in GRAY_MODES or mode.startswith("I;16"):
+        kinds.append("grayscale")
+    elif mode == "CMYK":
+        kinds.append("cmyk")  # PIL's conversion, which also undoes Adobe's inverted CMYK JPEGs
+    elif mode not in ("RGB", "RGBA", "RGBa"):
+        kinds.append(mode.lower())  # YCbCr, LAB, HSV…: PIL's conversion, but never unreported
+    if image.mode in ALPHA_MODES:
         rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas, "converted:alpha"
-    if mode == "CMYK":
-        return image.convert("RGB"), "converted:cmyk"
-    if mode in ("L", "I", "I;16", "F", "1"):
-        if mode in ("I", "I;16", "F"):  # high bit depth: scale to 8 bits before expanding
-            arr = torch.from_numpy(__import__("numpy").asarray(image, dtype="float32"))
-            hi = float(arr.max()) or 1.0
-            image = Image.fromarray((arr / hi * 255).clamp(0, 255).byte().numpy(), "L")
-        return image.convert("RGB"), "converted:grayscale"
-    return image.convert("RGB"), f"converted:{mode.lower()}"
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            # Transparent pixels have undefined RGB (often black): composite on white, as viewers show them.
+            canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+            canvas.paste(rgba, mask=rgba.getchannel("A"))
+            rgba = canvas
+            kinds.append("alpha")
+        image = rgba
+    return image.convert("RGB"), ("converted:" + ",".join(kinds)) if kinds else None  # convert copies: the file can close
 
 
-def _order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
-    """Epoch ``epoch``'s permutation, then this rank's interleaved shard (rank, rank+world, ...),
-    so one process with batch B·world sees exactly the union of the ranks' batches."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return perm[rank::world]
+def _gray8(image: Image.Image) -> Image.Image:
+    """High-bit-depth grayscale to 8 bits by its range; PIL's own conversion clips at 255 (a 16-bit photo turns white)."""
+    a = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and a.max() > 255):  # "I" has no declared depth: >255 means 16-bit
+        a = a / 257
+    elif image.mode == "F" and a.max() <= 1:  # float images are conventionally in [0, 1]
+        a = a * 255
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
-def _examples(ds, seed: int, rank: int, world: int) -> Iterator[dict]:
-    epoch = 0
-    while True:
-        if isinstance(ds, datasets.IterableDataset):
-            shard = datasets.distributed.split_dataset_by_node(ds.shuffle(seed=seed + epoch, buffer_size=1000), rank=rank, world_size=world)
-            yield from shard
-        else:
-            for i in _order(len(ds), seed, epoch, rank, world):
-                yield ds[i]
-        epoch += 1
-
-
-def batches(ds, *, batch_size: int, transform: Callable[[Image.Image], dict[str, torch.Tensor]], caption_column: str | None,
-            seed: int, rank: int = 0, world_size: int = 1, start_batch: int = 0, num_workers: int = 0,
-            image_column: str = "image", min_side: int = 16) -> Iterator[dict]:
-    """Endless batches of exactly ``batch_size`` usable images: transformed tensors stacked, captions,
-    and the ``skipped`` / ``converted`` counts met while filling this batch.
-
-    ``start_batch=k`` reproduces the stream from batch k on. It re-reads the first k batches' images
-    (decoding is what tells a bad file from a good one) but skips their transforms; exactness is
-    worth that cost on resume. ``num_workers`` is accepted for interface stability; decoding runs
-    in-process (see the benchmark for when that is the bottleneck).
-    """
-    examples = _examples(ds, seed, rank, world_size)
-    produced = 0
-    while True:
-        items, captions, skipped, converted = [], [], {}, {}
-        fast_forward = produced < start_batch
-        while len(items) < batch_size:
-            row = next(examples)
-            image, note = load_image(row[image_column], min_side)
-            if image is None:
-                skipped[note] = skipped.get(note, 0) + 1
-                if skipped[note] == 1:
-                    log.warning("skipping %s image %s", note, _describe(row[image_column]))
-                continue
-            if note:
-                kind = note.split(":", 1)[1]
-                converted[kind] = converted.get(kind, 0) + 1
-            items.append(None if fast_forward else transform(image))
-            if caption_column:
-                captions.append(str(row[caption_column]))
-        produced += 1
-        if fast_forward:
-            continue
-        batch: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-        if caption_column:
-            batch["caption"] = captions
-        batch["skipped"], batch["converted"] = skipped, converted
-        yield batch
+def _decode(row: dict, image_column: str, caption_column: str | None, min_side: int) -> tuple[Image.Image | None, str | None, str | None]:
+    """``(image, note, caption)``; image None means skipped for reason ``note``."""
+    caption = None
+    if caption_column:
+        caption = row.get(caption_column)
+        if caption is None or (isinstance(caption, float) and math.isnan(caption)) or not str(caption).strip():
+            return None, "no_caption", None  # cheap, so before decoding
+        caption = str(caption)
+    image, note = load_image(row[image_column], min_side)
+    return image, note, caption
 
 
 def _describe(value: Any) -> str:
     if isinstance(value, dict):
         return str(value.get("path") or "<bytes>")
-    return str(value)
+    return "<PIL image>" if isinstance(value, Image.Image) else str(value)
+
+
+# ----------------------------------------------------------------------------------- ordering
+
+def _shard(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """Epoch ``epoch``'s permutation, then this rank's interleaved shard (rank, rank+world, …):
+    ranks are disjoint and together cover the data."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return perm[rank::world]
+
+
+def _items(ds, seed: int, rank: int, world: int, start: int) -> Iterator[Any]:
+    """This rank's stream from position ``start`` on: indices (map-style) or undecoded rows (streamed)."""
+    if not isinstance(ds, datasets.IterableDataset):
+        epoch, offset = divmod(start, len(range(rank, len(ds), world)))
+        for e in itertools.count(epoch):
+            yield from _shard(len(ds), seed, e, rank, world)[offset:]
+            offset = 0
+        return
+    for e in itertools.count():
+        shard = split_dataset_by_node(ds.shuffle(seed=seed + e, buffer_size=SHUFFLE_BUFFER), rank=rank, world_size=world)
+        rows = 0
+        # .iter() rather than iter(): inside a loader worker, iter() would shard by worker on its own
+        for chunk in shard.iter(batch_size=64):
+            for i in range(len(next(iter(chunk.values())))):
+                rows += 1
+                if start > 0:
+                    start -= 1  # fast-forward reads rows but decodes nothing
+                    continue
+                yield {k: v[i] for k, v in chunk.items()}
+        if rows == 0:
+            raise ValueError(f"rank {rank}'s share of the streamed dataset is empty")
+
+
+def _row(ds, item: Any) -> dict:
+    return item if isinstance(item, dict) else ds[item]
+
+
+def _start_position(ds, usable: int, seed: int, rank: int, world: int, decode: Callable[[dict], bool]) -> int:
+    """The position just after this rank's ``usable``-th usable image: where a resumed stream starts.
+
+    Exact rather than fast: which images are usable is known only by decoding them, so resuming
+    decodes, but never twice the same index (a map-style index is remembered across epochs, and an
+    epoch whose indices are all known is skipped whole). Transforms never run here.
+    """
+    if usable == 0:
+        return 0
+    if isinstance(ds, datasets.IterableDataset):  # rows have no stable index to remember: decode each
+        run = 0
+        for position, row in enumerate(_items(ds, seed, rank, world, 0), 1):
+            ok = decode(row)
+            usable, run = usable - ok, 0 if ok else run + 1
+            if usable == 0:
+                return position
+            if run >= STREAM_SKIP_LIMIT:
+                raise RuntimeError(f"no usable image in {run} consecutive examples")
+    n = len(ds)
+    valid = np.full(n, -1, np.int8)  # -1 unknown, 0 unusable, 1 usable
+    position, run = 0, 0
+    for epoch in itertools.count():
+        shard = _shard(n, seed, epoch, rank, world)
+        known = valid[shard]
+        if (known >= 0).all() and known.sum() < usable:
+            usable, position = usable - int(known.sum()), position + len(shard)
+            run = run + len(shard) if known.sum() == 0 else 0
+        else:
+            for i in shard:
+                if valid[i] < 0:
+                    valid[i] = decode(ds[i])
+                position, usable, run = position + 1, usable - int(valid[i]), 0 if valid[i] else run + 1
+                if usable == 0:
+                    return position
+        if run >= n:
+            raise RuntimeError(f"no usable image in {n} consecutive examples: every image is missing, undecodable, tiny or uncaptioned")
+    raise AssertionError("unreachable: epochs are endless")
+
+
+# ----------------------------------------------------------------------------------- batching
+
+class _Samples(torch.utils.data.IterableDataset):
+    """Decoded, transformed samples of one rank, in chunks of consecutive positions. With loader
+    workers, chunk c is made by worker c mod N, and the DataLoader returns workers' outputs round
+    robin, so chunks arrive in order whatever N is."""
+
+    def __init__(self, ds, transform, caption_column, image_column, min_side, seed, rank, world, start, chunk):
+        self.ds, self.transform, self.caption_column, self.image_column, self.min_side = ds, transform, caption_column, image_column, min_side
+        self.seed, self.rank, self.world, self.start, self.chunk = seed, rank, world, start, chunk
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        items = _items(self.ds, self.seed, self.rank, self.world, self.start)
+        for c in itertools.count():
+            chunk = list(itertools.islice(items, self.chunk))
+            if c % workers == worker:
+                yield self._make(chunk)
+
+    def _make(self, chunk: list) -> tuple[dict[str, torch.Tensor], list[tuple[bool, str | None, str | None, str]]]:
+        """Stacked tensors of the usable positions (one shared-memory tensor per key, not per image),
+        and per position: (usable, note, caption, where)."""
+        tensors, meta = [], []
+        for item in chunk:
+            row = _row(self.ds, item)
+            image, note, caption = _decode(row, self.image_column, self.caption_column, self.min_side)
+            if image is not None:
+                tensors.append(self.transform(image))
+            meta.append((image is not None, note, caption, _describe(row[self.image_column])))
+        return ({k: torch.stack([t[k] for t in tensors]) for k in tensors[0]} if tensors else {}), meta
+
+
+def _identity(x):
+    return x
+
+
+def batches(ds, *, batch_size: int, transform: Callable[[Image.Image], dict[str, torch.Tensor]], caption_column: str | None,
+            seed: int, rank: int = 0, world_size: int = 1, start_batch: int = 0, num_workers: int = 0,
+            image_column: str = "image", min_side: int = 16) -> Iterator[dict]:
+    """Endless batches of exactly ``batch_size`` usable images: ``transform``'s tensors stacked,
+    ``caption`` (when ``caption_column``), and the ``skipped`` / ``converted`` counts met while
+    filling this batch. ``start_batch=k`` yields exactly what an uninterrupted stream yields from
+    batch k on; ``num_workers`` decodes and transforms in loader processes, same batches."""
+    ds = _undecoded(ds, image_column)
+    sized = not isinstance(ds, datasets.IterableDataset)
+    if sized and len(ds) < world_size:
+        raise ValueError(f"{len(ds)} examples cannot be shared by {world_size} processes")
+
+    def usable(row: dict) -> bool:
+        return _decode(row, image_column, caption_column, min_side)[0] is not None
+    start = _start_position(ds, start_batch * batch_size, seed, rank, world_size, usable)
+    samples = _Samples(ds, transform, caption_column, image_column, min_side, seed, rank, world_size, start, batch_size)
+    # batch_size=None: chunks pass through as made; collate would only repack them
+    loader = torch.utils.data.DataLoader(samples, batch_size=None, num_workers=num_workers, collate_fn=_identity)
+    chunks = iter(loader) if num_workers > 0 else iter(samples)
+    limit = len(ds) if sized else STREAM_SKIP_LIMIT
+    warned: set[str] = set()
+    pending: list[dict[str, torch.Tensor]] = []
+    captions: list[str] = []
+    skipped: dict[str, int] = {}
+    converted: dict[str, int] = {}
+    run = 0
+    for stacked, meta in chunks:
+        j = 0
+        for ok, note, caption, where in meta:
+            if not ok:
+                skipped[note] = skipped.get(note, 0) + 1
+                if note not in warned:  # once per reason: a bad corpus must not flood the log
+                    warned.add(note)
+                    log.warning("skipping %s image %s (further %s images are counted, not logged)", note, where, note)
+                run += 1
+                if run >= limit:
+                    raise RuntimeError(f"no usable image in {run} consecutive examples (skipped so far in this batch: {skipped})")
+                continue
+            run = 0
+            for kind in note.removeprefix("converted:").split(",") if note else ():
+                converted[kind] = converted.get(kind, 0) + 1
+            pending.append({k: v[j] for k, v in stacked.items()})
+            j += 1
+            if caption_column:
+                captions.append(caption)
+            if len(pending) == batch_size:
+                batch: dict[str, Any] = {k: torch.stack([p[k] for p in pending]) for k in pending[0]}
+                if caption_column:
+                    batch["caption"] = captions
+                batch["skipped"], batch["converted"] = skipped, converted
+                yield batch
+                pending, captions, skipped, converted = [], [], {}, {}
