@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +26,7 @@ from reca.build import apply_lora, build, trainable_parameters
 from reca.config import Config, ConfigError, split_batch
 from reca.data import batches, open_source
 from reca.encoders import bottleneck_check
-from reca.objectives import RecATask, sample_seed, transform_for
+from reca.objectives import OBJECTIVES, RecATask, sample_seed, transform_for
 
 log = logging.getLogger("reca")
 
@@ -105,14 +106,14 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
         _truncate_log(out / "log.jsonl", state.step)
 
     o = cfg.objectives
-    sizes = split_batch(t.batch_size, {k: getattr(o, k).share for k in ("recon", "t2i", "i2t") if getattr(o, k).share > 0})
+    sizes = split_batch(t.batch_size, {k: getattr(o, k).share for k in OBJECTIVES if getattr(o, k).share > 0})
     rank, world = accelerator.process_index, accelerator.num_processes
     streams = {}
     for name, n in sizes.items():
         src = getattr(o, name).data
         ds = open_source(src, need_captions=name != "recon", key=f"objectives.{name}.data")
         streams[name] = batches(ds, batch_size=n, transform=transform_for(name, adapter.resolution, encoder.preprocess),
-                                caption_column=None if name == "recon" else src.caption_column, seed=t.seed + 7919 * k_of(name),
+                                caption_column=None if name == "recon" else src.caption_column, seed=t.seed + 7919 * OBJECTIVES.index(name),
                                 rank=rank, world_size=world, start_batch=state.step * t.grad_accum, num_workers=t.num_workers,
                                 image_column=src.image_column, min_side=src.min_side)
 
@@ -151,11 +152,12 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
                     accelerator.backward(losses["loss"])  # divided by grad_accum inside accelerate
                 else:
                     bad = True
-                if accelerator.sync_gradients and not bad and cfg.optim.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                if accelerator.sync_gradients and not bad:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True) if accelerator.sync_gradients else None
+                if accelerator.sync_gradients:  # the last micro-batch: gradients are all-reduced now
+                    if not bad:
+                        if cfg.optim.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
         lr_scheduler.step()
@@ -203,10 +205,6 @@ def lora_exporter(accelerator: Accelerator, task):
     return lambda path: umm.save_pretrained(path, state_dict={k.removeprefix("umm."): v for k, v in state.items()})
 
 
-def k_of(name: str) -> int:
-    return ("recon", "t2i", "i2t").index(name)
-
-
 def _truncate_log(path: Path, step: int) -> None:
     """On resume, forget log lines written after the checkpoint (they will be written again)."""
     if path.is_file():
@@ -217,8 +215,6 @@ def _truncate_log(path: Path, step: int) -> None:
 def export_final(umm, cfg: Config, path: Path) -> None:
     """LoRA → a PEFT adapter dir (PeftModel.from_pretrained loads it); full → save_pretrained."""
     tmp = path.with_name(".tmp-" + path.name)
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     umm.save_pretrained(tmp)
     (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))

@@ -68,3 +68,15 @@ def test_quick_demo_runs_every_stage_and_caches_them(tmp_path: Path) -> None:
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}
     demo.run(tmp_path, settings)  # every stage cached: nothing is recomputed
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}
+
+
+@pytest.mark.slow
+def test_full_demo(tmp_path: Path) -> None:
+    """The README's demo at full size (about 20-30 minutes on 2 cores): every stage, 3 seeds per arm."""
+    settings = demo.DemoSettings()
+    report = demo.run(tmp_path, settings)
+    assert report["scorer_accuracy"] >= 0.99
+    table = report["table"]
+    assert table["before"]["rare: colour+shape"]["n"] == 6 * settings.samples
+    assert all(len(table[arm]["rare: colour+shape"]["per_seed"]) == len(settings.seeds) for arm in ("reca", "control"))
+    assert (tmp_path / "rare_pairs.png").is_file() and (tmp_path / "probe.png").is_file()
