@@ -54,10 +54,6 @@ def build(cfg: Config) -> tuple[UMMAdapter, FrozenEncoder]:
     return adapter, encoder
 
 
-def build_adapter(cfg: Config) -> UMMAdapter:
-    return build(cfg)[0]
-
-
 def trainable_parameters(model: nn.Module, trainable: list[str], frozen: list[str]) -> list[str]:
     """Full fine-tuning: set requires_grad by name prefix; returns the trained names."""
     names = []
@@ -116,8 +112,3 @@ def load_checkpoint(adapter: nn.Module, path: str | Path, encoder: FrozenEncoder
             raise ConfigError(f"--checkpoint {path}: weights do not fit this adapter (e.g. {unexpected[0]})")
         return adapter
     raise ConfigError(f"--checkpoint {path}: not a PEFT adapter (adapter_config.json), a saved model (reca_adapter.json) or a trainer checkpoint (model.safetensors)")
-
-
-def read_run_config(checkpoint: str | Path) -> dict:
-    meta = Path(checkpoint) / "config.json"
-    return json.loads(meta.read_text()) if meta.is_file() else {}

@@ -24,6 +24,13 @@ from reca.instructions import draw_instruction
 OBJECTIVES = ("recon", "t2i", "i2t")
 
 
+def sequence_nll(logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy from per-token log-probs ``(B, T)`` and a mask: token mean per sample, then mean
+    over samples. Unlike one token mean over the batch, it does not depend on how a batch is split
+    across processes or micro-batches (two-process DDP reproduces one process)."""
+    return (-(logp * valid).sum(1) / valid.sum(1)).mean()
+
+
 def sample_seed(base: int, objective: str, step: int, index: int) -> int:
     """Seed of one sample's randomness, a pure function of where it sits in the global stream
     (``index`` is its position in the step's global batch), not of which process draws it."""

@@ -44,6 +44,7 @@ from reca.adapter import Condition
 from reca.config import ConfigError
 from reca.flow import sample_generator
 from reca.models.tokenizer import byte_tokenizer
+from reca.objectives import sequence_nll
 
 # Janus's special tokens (tokenizer_config of deepseek-community/Janus-Pro-*: image_token, boi_token, eoi_token)
 IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
@@ -382,9 +383,7 @@ class JanusAdapter(nn.Module):
         return logp, valid
 
     def understanding_loss(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
-        # per-sample token mean, then mean over samples: independent of how a batch is split
-        logp, valid = self._answer_token_logprobs(semantic, prompts, answers)
-        return (-logp.sum(1) / valid.sum(1)).mean()
+        return sequence_nll(*self._answer_token_logprobs(semantic, prompts, answers))
 
     def answer_logprob(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
         logp, _ = self._answer_token_logprobs(semantic, prompts, answers)

@@ -30,6 +30,7 @@ from reca.adapter import Condition
 from reca.flow import (flow_matching_loss, guided, noisy_latents, per_sample_noise, sample_generator, sample_sigmas,
                        velocity_from_x0, x0_loss)
 from reca.models.tokenizer import byte_tokenizer
+from reca.objectives import sequence_nll
 
 
 @dataclass
@@ -291,10 +292,7 @@ class MetaQueryAdapter(nn.Module):
         return logp * valid, valid
 
     def understanding_loss(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
-        # per-sample token mean, then mean over samples: unlike one token mean over the batch, this
-        # does not depend on how a batch is split across processes (two-process DDP == one process)
-        logp, valid = self._answer_token_logprobs(semantic, prompts, answers)
-        return (-logp.sum(1) / valid.sum(1)).mean()
+        return sequence_nll(*self._answer_token_logprobs(semantic, prompts, answers))
 
     def answer_logprob(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
         logp, _ = self._answer_token_logprobs(semantic, prompts, answers)
