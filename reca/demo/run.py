@@ -295,12 +295,17 @@ def markdown(table: dict, settings: DemoSettings, timings: dict) -> str:
         cells = []
         for arm in arms:
             m = table[arm][label]
-            ci = m["wilson95"] if len(m["per_seed"]) == 1 else m["seed_t95"]
-            cells.append(f"{100 * m['pooled']:.1f}% [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]")
+            w = m["wilson95"]
+            cell = f"{100 * m['pooled']:.1f}% [{100 * w[0]:.0f}, {100 * w[1]:.0f}]"
+            if len(m["per_seed"]) > 1:
+                t = m["seed_t95"]
+                cell += f" seeds [{100 * t[0]:.0f}, {100 * t[1]:.0f}]"
+            cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    note = (f"\nBefore: the pretrained model ({settings.samples} samples per prompt, 6 prompts per group, Wilson 95%). "
-            f"RecA / control: {len(settings.seeds)} fine-tuning seeds × {settings.reca_steps} steps each; cell = pooled "
-            f"accuracy [95% t-interval over seeds]. Per-seed values and Wilson intervals are in report.json.\n")
+    note = (f"\nCell: pooled accuracy [Wilson 95% over all samples]; for RecA and control also the 95% t-interval over "
+            f"their {len(settings.seeds)} fine-tuning seeds (seeds [lo, hi]). Before = the pretrained model; "
+            f"{settings.samples} samples per prompt, 6 prompts per group, per seed; RecA / control: {settings.reca_steps} steps each. "
+            f"Per-seed values are in report.json.\n")
     return "\n".join(lines) + "\n" + note + "\nStage timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()) + "\n"
 
 
