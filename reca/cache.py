@@ -17,9 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from reca.build import DTYPES
 from reca.encoders import FrozenEncoder
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def content_key(x: torch.Tensor) -> str:

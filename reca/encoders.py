@@ -153,10 +153,13 @@ def _open_clip_joint(cfg: EncoderConfig, model, open_clip) -> FrozenEncoder:
     size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
     tokenizer = open_clip.get_tokenizer(cfg.name, context_length=model.context_length)
 
+    last = _num_layers(visual) - 1
+
     def features(x: torch.Tensor) -> torch.Tensor:
-        patches = visual.forward_intermediates(x, indices=[_num_layers(visual) - 1], intermediates_only=True, output_fmt="NLC")["image_intermediates"][0]
-        pooled = model.encode_image(x, normalize=True)
-        return torch.cat([pooled[:, None], visual.ln_post(patches) @ visual.proj], dim=1)
+        # one pass through the tower gives both the last block's patch tokens and the pooled embedding
+        out = visual.forward_intermediates(x, indices=[last], intermediates_only=False, output_fmt="NLC")
+        pooled = torch.nn.functional.normalize(out["image_features"], dim=-1)
+        return torch.cat([pooled[:, None], visual.ln_post(out["image_intermediates"][0]) @ visual.proj], dim=1)
 
     def text(texts: Sequence[str]) -> torch.Tensor:
         device = next(model.parameters()).device
