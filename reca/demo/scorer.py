@@ -14,13 +14,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+from eval.scorers import palette_votes
 from reca.demo.world import COLOURS, SHAPES, render
 
 # Seed ranges of the demo, disjoint by construction: no evaluation render or sample seed is ever a
 # training seed (checked in reca.demo.run).
 SCORER_TRAIN_SEEDS = range(50_000_000, 50_006_000)
 SCORER_TEST_SEEDS = range(51_000_000, 51_003_000)
-PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
+PALETTE_RGB255 = {name: tuple(255 * c for c in rgb) for name, rgb in COLOURS.items()}
 
 
 def foreground(pixels: np.ndarray, threshold: float = 0.3) -> np.ndarray:
@@ -30,12 +31,11 @@ def foreground(pixels: np.ndarray, threshold: float = 0.3) -> np.ndarray:
 
 def palette_colour(image: Image.Image) -> str | None:
     """Majority nearest palette colour of the foreground pixels, or None for an empty image."""
-    x = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    fg = x[foreground(x)]
-    if len(fg) < 4:
+    fg = foreground(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+    if fg.sum() < 4:
         return None
-    nearest = ((fg[:, None, :] - PALETTE[None]) ** 2).sum(-1).argmin(1)
-    return list(COLOURS)[int(np.bincount(nearest, minlength=len(PALETTE)).argmax())]
+    votes = palette_votes(image, PALETTE_RGB255, fg)
+    return max(votes, key=votes.get)  # the first colour in palette order on a tie
 
 
 class ShapeNet(nn.Module):
