@@ -157,6 +157,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, key)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no / off / yes / on as a boolean
+            value = next((c for c in (("no", "off", "false") if not value else ("yes", "on", "true")) if c in choices), value)
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value

@@ -1,7 +1,9 @@
-"""One-seed ablation on a finished demo run: RecA and control with another number of steps, from the
-same pretrained model, evaluated like the main arms (results in runs/demo/stages/eval-abl*.json).
+"""One-seed ablation on a finished demo run: RecA and its control arm with other fine-tuning
+settings, from the same pretrained model, evaluated like the main arms. Results go to
+``<out>/stages/eval-abl-<tag>-{reca,control}-seed<seed>.json``; a one-line summary is printed.
 
-    python scripts/demo_ablation.py --steps 900 --seed 0 [--out runs/demo]
+    python scripts/demo_ablation.py --steps 600 --seed 0
+    python scripts/demo_ablation.py --lr 2e-4 --shares recon=0.4,t2i=0.1,i2t=0.5
 """
 
 from __future__ import annotations
@@ -15,24 +17,39 @@ from reca.demo import run as demo
 from reca.demo.scorer import WorldScorer
 
 
+def parse_shares(text: str) -> dict[str, float]:
+    shares = {k: float(v) for k, v in (item.split("=") for item in text.split(","))}
+    if set(shares) != {"recon", "t2i", "i2t"} or abs(sum(shares.values()) - 1) > 1e-6:
+        raise SystemExit(f"--shares {text!r}: give recon=…,t2i=…,i2t=… summing to 1")
+    return shares
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--steps", type=int, default=900)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="fine-tuning steps (default: the demo's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the demo's)")
+    p.add_argument("--shares", type=parse_shares, help="RecA's mixture, e.g. recon=0.5,t2i=0,i2t=0.5 (default: the demo's)")
     a = p.parse_args()
     if not (a.out / "pretrain/final").is_dir():
         raise SystemExit(f"{a.out}: run `make demo` first (needs {a.out}/pretrain/final)")
-    settings = dataclasses.replace(demo.DemoSettings(), reca_steps=a.steps)
+    base = demo.DemoSettings()
+    settings = dataclasses.replace(base, reca_steps=a.steps or base.reca_steps, reca_lr=a.lr or base.reca_lr,
+                                   reca_shares=a.shares or base.reca_shares)
+    shares = ",".join(f"{k}{v:g}" for k, v in settings.reca_shares.items())
+    tag = f"steps{settings.reca_steps}-lr{settings.reca_lr:g}-{shares}"
     scorer = WorldScorer.load_or_train(a.out / "cache/scorer.pt")
     for arm in ("reca", "control"):
-        name = f"abl{a.steps}-{arm}-seed{a.seed}"
+        name = f"abl-{tag}-{arm}-seed{a.seed}"
         demo.cached(a.out / "stages" / f"train-{name}.json", lambda: demo.train(a.out / name, demo.finetune_overrides(a.out, settings, arm, a.seed)))
         result = demo.cached(a.out / "stages" / f"eval-{name}.json", lambda: demo.evaluate(a.out, name, a.out / name / "final", settings, scorer))
-        g = result["generation"]
-        print(f"{arm}: rare right colour {g['rare']['colour']}/{g['rare']['n']}, rare colour+shape {g['rare']['both']}/{g['rare']['n']}, "
+        g, r = result["generation"], result["reconstruction"]["rare"]
+        print(f"{name}: rare right colour {g['rare']['colour']}/{g['rare']['n']}, rare colour+shape {g['rare']['both']}/{g['rare']['n']}, "
+              f"rare drawn canonical {g['rare']['drawn_canonical_colour']}/{g['rare']['n']}, "
               f"canonical colour+shape {g['canonical']['both']}/{g['canonical']['n']}, "
-              f"reconstruction rare {result['reconstruction']['rare']['both']}/{result['reconstruction']['rare']['n']}")
+              f"understanding rare {result['understanding']['rare']['correct']}/{result['understanding']['rare']['n']}, "
+              f"reconstruction rare {r['both']}/{r['n']}")
         print(json.dumps(result))
 
 

@@ -25,6 +25,8 @@ def test_overrides_are_typed_and_nested() -> None:
     assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)
     assert cfg.lora.rank == 4 and cfg.lora.enabled is True
     assert cfg.optim.betas == [0.8, 0.9]
+    # YAML 1.1 reads a bare `no` as false: a choice spelled "no" must still be accepted
+    assert load_config(ROOT / "configs/tiny.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"
 
 
 BAD = [

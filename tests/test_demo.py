@@ -46,6 +46,18 @@ def test_guardrails_refuse_rare_captions_and_overlapping_seeds(tmp_path: Path) -
         demo.audit_data(tmp_path)
 
 
+def test_control_arm_replaces_reconstruction_by_captioned_samples() -> None:
+    """The control differs from RecA only in what the reconstruction samples are: the same steps,
+    batch, seed, schedule and image-to-text share; its generation samples are captioned ones."""
+    s = demo.DemoSettings()
+    reca, control = (dict(o.split("=", 1) for o in demo.finetune_overrides(Path("out"), s, arm, 0)) for arm in ("reca", "control"))
+    shares = {arm: {k: float(o[f"objectives.{k}.share"]) for k in ("recon", "t2i", "i2t")} for arm, o in (("reca", reca), ("control", control))}
+    assert shares["control"]["recon"] == 0.0 and shares["reca"]["recon"] > 0
+    assert shares["control"]["t2i"] == shares["reca"]["t2i"] + shares["reca"]["recon"]
+    assert shares["control"]["i2t"] == shares["reca"]["i2t"]
+    assert {k: v for k, v in reca.items() if ".share" not in k} == {k: v for k, v in control.items() if ".share" not in k}
+
+
 def test_quick_demo_runs_every_stage_and_caches_them(tmp_path: Path) -> None:
     settings = demo.DemoSettings.quick()
     report = demo.run(tmp_path, settings)
@@ -64,7 +76,7 @@ def test_quick_demo_runs_every_stage_and_caches_them(tmp_path: Path) -> None:
     # RecA saw reconstruction batches, the control arm none
     reca_log = (tmp_path / "reca-seed0/log.jsonl").read_text()
     control_log = (tmp_path / "control-seed0/log.jsonl").read_text()
-    assert '"recon"' in reca_log and '"recon"' not in control_log
+    assert '"recon"' in reca_log and '"recon"' not in control_log and '"t2i"' in control_log
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}
     demo.run(tmp_path, settings)  # every stage cached: nothing is recomputed
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}

@@ -28,6 +28,7 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 CANONICAL: dict[str, str] = {"circle": "red", "square": "blue", "triangle": "green", "star": "yellow", "cross": "purple", "ring": "orange"}
+MAX_TILT = 0.2  # radians (about 11 degrees) of tilt for shapes without rotational symmetry
 # Evaluated rare pairs: one counter-canonical colour per shape (each colour used once).
 RARE: dict[str, str] = {"circle": "blue", "square": "yellow", "triangle": "purple", "star": "red", "cross": "orange", "ring": "green"}
 
@@ -79,7 +80,9 @@ def render(shape: str, colour: str, seed: int, size: int = SIZE) -> Render:
     rng = np.random.default_rng(seed)
     cx, cy = rng.uniform(13.5, 18.5, size=2) * size / SIZE
     r = rng.uniform(7.5, 10.5) * size / SIZE
-    angle = rng.uniform(0, 2 * np.pi) if shape not in ("circle", "ring") else 0.0
+    # Upright, with a little tilt: a free rotation makes a 32-pixel generator average shapes into
+    # blobs (canonical pairs drawn right 60%, DESIGN.md §7.4 "narrower layout variation first").
+    angle = rng.uniform(-MAX_TILT, MAX_TILT) if shape not in ("circle", "ring") else 0.0
     mask = shape_mask(shape, cx, cy, r, angle, size)
     background = rng.uniform(0.0, 0.1, size=3)
     img = np.broadcast_to(background, (size, size, 3)).copy()
