@@ -84,7 +84,7 @@ def test_quick_demo_runs_every_stage_and_caches_them(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_full_demo(tmp_path: Path) -> None:
-    """The README's demo at full size (about 20-30 minutes on 2 cores): every stage, 3 seeds per arm."""
+    """The README's demo at full size (about 23 minutes on 2 cores): every stage, 3 seeds per arm."""
     settings = demo.DemoSettings()
     report = demo.run(tmp_path, settings)
     assert report["scorer_accuracy"] >= 0.99
