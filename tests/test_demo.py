@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from reca.demo import run as demo
+from reca.models.metaquery import MetaQueryAdapter
 from reca.demo.scorer import palette_colour
 from reca.demo.world import CANONICAL, COLOURS, RARE, SHAPES, biased_caption, render
 
@@ -58,9 +62,15 @@ def test_control_arm_replaces_reconstruction_by_captioned_samples() -> None:
     assert {k: v for k, v in reca.items() if ".share" not in k} == {k: v for k, v in control.items() if ".share" not in k}
 
 
-def test_quick_demo_runs_every_stage_and_caches_them(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, demo.DemoSettings, dict]:
+    out = tmp_path_factory.mktemp("demo")
     settings = demo.DemoSettings.quick()
-    report = demo.run(tmp_path, settings)
+    return out, settings, demo.run(out, settings)
+
+
+def test_quick_demo_runs_every_stage_and_caches_them(quick_run) -> None:
+    tmp_path, settings, report = quick_run
     table = report["table"]
     assert set(table) == {"before", "reca", "control"}
     for arm, runs in table.items():
@@ -80,6 +90,22 @@ def test_quick_demo_runs_every_stage_and_caches_them(tmp_path: Path) -> None:
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}
     demo.run(tmp_path, settings)  # every stage cached: nothing is recomputed
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}
+
+
+def test_lora_arm_trains_an_adapter_and_loads_back(quick_run) -> None:
+    """`--lora`: RecA through PEFT on the pretrained demo model; evaluation loads base + adapter."""
+    out, settings, _ = quick_run
+    lora = dataclasses.replace(settings, lora=True)
+    demo.train(out / "lora-reca", demo.finetune_overrides(out, lora, "reca", 0))
+    final = out / "lora-reca/final"
+    assert (final / "adapter_config.json").is_file() and not (final / "reca_adapter.json").exists()
+    tuned = demo.load_model(out, final, lora=True)[0].state_dict()  # the adapter merged into the base
+    base = demo.load_model(out, out / "pretrain/final", lora=False)[0].state_dict()
+    assert tuned.keys() == base.keys()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed, "the LoRA update did not reach the loaded model"
+    target = re.compile(MetaQueryAdapter.default_lora_targets)
+    assert all(target.fullmatch(k.rsplit(".", 1)[0]) for k in changed), sorted(changed)[:3]  # only LoRA-targeted layers moved
 
 
 @pytest.mark.slow
