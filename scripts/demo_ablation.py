@@ -15,11 +15,12 @@ from pathlib import Path
 
 from reca.demo import run as demo
 from reca.demo.scorer import WorldScorer
+from reca.objectives import OBJECTIVES
 
 
 def parse_shares(text: str) -> dict[str, float]:
     shares = {k: float(v) for k, v in (item.split("=") for item in text.split(","))}
-    if set(shares) != {"recon", "t2i", "i2t"} or abs(sum(shares.values()) - 1) > 1e-6:
+    if set(shares) != set(OBJECTIVES) or abs(sum(shares.values()) - 1) > 1e-6:
         raise SystemExit(f"--shares {text!r}: give recon=…,t2i=…,i2t=… summing to 1")
     return shares
 

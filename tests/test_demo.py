@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from reca.demo import run as demo
-from reca.models.metaquery import MetaQueryAdapter
 from reca.demo.scorer import palette_colour
 from reca.demo.world import CANONICAL, COLOURS, RARE, SHAPES, biased_caption, render
+from reca.models.metaquery import MetaQueryAdapter
+from reca.objectives import OBJECTIVES
 
 
 def test_world_is_deterministic_with_ground_truth() -> None:
@@ -55,7 +56,7 @@ def test_control_arm_replaces_reconstruction_by_captioned_samples() -> None:
     batch, seed, schedule and image-to-text share; its generation samples are captioned ones."""
     s = demo.DemoSettings()
     reca, control = (dict(o.split("=", 1) for o in demo.finetune_overrides(Path("out"), s, arm, 0)) for arm in ("reca", "control"))
-    shares = {arm: {k: float(o[f"objectives.{k}.share"]) for k in ("recon", "t2i", "i2t")} for arm, o in (("reca", reca), ("control", control))}
+    shares = {arm: {k: float(o[f"objectives.{k}.share"]) for k in OBJECTIVES} for arm, o in (("reca", reca), ("control", control))}
     assert shares["control"]["recon"] == 0.0 and shares["reca"]["recon"] > 0
     assert shares["control"]["t2i"] == shares["reca"]["t2i"] + shares["reca"]["recon"]
     assert shares["control"]["i2t"] == shares["reca"]["i2t"]

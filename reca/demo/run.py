@@ -154,8 +154,7 @@ def finetune_overrides(out: Path, s: DemoSettings, arm: str, seed: int) -> list[
     if arm == "control":
         # the same steps, batch and image-to-text samples; the reconstruction samples are replaced by
         # captioned text-to-image ones (more of the pretraining mixture): only reconstruction is missing
-        shares["t2i"] += shares.pop("recon")
-        shares["recon"] = 0.0
+        shares["t2i"], shares["recon"] = shares["t2i"] + shares["recon"], 0.0
     ov = base_overrides(out) + [
         f"model.args.pretrained={out / 'pretrain/final'}", f"train.max_steps={s.reca_steps}", f"train.batch_size={s.reca_batch}",
         f"train.seed={1000 + seed}", f"optim.lr={s.reca_lr}", f"optim.warmup_steps={max(1, s.reca_steps // 20)}",
@@ -208,15 +207,14 @@ def evaluate(out: Path, name: str, checkpoint: Path, s: DemoSettings, scorer: Wo
         gen[tag] = {"n": len(tagged), "colour": sum(r["colour_ok"] for r in tagged), "shape": sum(r["shape_ok"] for r in tagged),
                     "both": sum(r["correct"] for r in tagged),
                     "drawn_canonical_colour": sum(r["colour"] == CANONICAL[r["prompt"].split()[-1]] for r in tagged)}
-    und, rec = {}, {}
+    und = {}
     captions = [dense_caption(sh, c) for sh, c in pairs("all")]
     for tag in ("rare", "canonical"):
         items = [(sh, c, seed) for k, (sh, c) in enumerate(pairs(tag)) for seed in SEEDS["eval_renders"][k * s.renders:(k + 1) * s.renders]]
         if tag == "canonical":
             items = [(sh, c, seed + 50_000) for sh, c, seed in items]
-        images = [render(sh, c, seed).image for sh, c, seed in items]
         with torch.no_grad():
-            sem = encoder.encode(images)
+            sem = encoder.encode([render(sh, c, seed).image for sh, c, seed in items])
             # understanding: which of the 36 dense captions does the model find most likely?
             correct, k = 0, 8  # k images × 36 captions per forward pass
             for i in range(0, len(items), k):
@@ -224,12 +222,13 @@ def evaluate(out: Path, name: str, checkpoint: Path, s: DemoSettings, scorer: Wo
                 logp = adapter.answer_logprob(chunk.repeat_interleave(len(captions), 0), ["Describe the image."] * (len(chunk) * len(captions)),
                                               captions * len(chunk)).view(len(chunk), len(captions))
                 correct += sum(captions[int(j)] == dense_caption(sh, c) for j, (sh, c, _) in zip(logp.argmax(1), items[i:i + k]))
-            und[tag] = {"n": len(items), "correct": int(correct)}
-            if tag != "rare":  # the report reads reconstruction of rare pairs only
-                continue
-            recons = adapter.generate(_recon_condition(sem), seeds=[seed for *_, seed in items], guidance_scale=s.guidance, num_steps=s.sample_steps)
-        judged = scorer.judge(recons, [sh for sh, _, _ in items], [c for _, c, _ in items])
-        rec[tag] = {"n": len(items), "both": sum(j["correct"] for j in judged), "colour": sum(j["colour_ok"] for j in judged)}
+        und[tag] = {"n": len(items), "correct": int(correct)}
+        if tag == "rare":  # the report reads reconstruction of rare pairs only
+            rare_items, rare_sem = items, sem
+    with torch.no_grad():
+        recons = adapter.generate(_recon_condition(rare_sem), seeds=[seed for *_, seed in rare_items], guidance_scale=s.guidance, num_steps=s.sample_steps)
+    judged = scorer.judge(recons, [sh for sh, _, _ in rare_items], [c for _, c, _ in rare_items])
+    rec = {"rare": {"n": len(rare_items), "both": sum(j["correct"] for j in judged), "colour": sum(j["colour_ok"] for j in judged)}}
     return {"generation": gen, "understanding": und, "reconstruction": rec}
 
 
