@@ -111,7 +111,7 @@ def test_lora_arm_trains_an_adapter_and_loads_back(quick_run) -> None:
 
 @pytest.mark.slow
 def test_full_demo(tmp_path: Path) -> None:
-    """The README's demo at full size (about 23 minutes on 2 cores): every stage, 3 seeds per arm."""
+    """The README's demo at full size (about 20 minutes on 2 cores): every stage, 3 seeds per arm."""
     settings = demo.DemoSettings()
     report = demo.run(tmp_path, settings)
     assert report["scorer_accuracy"] >= 0.99

@@ -1,0 +1,62 @@
+"""Training-step time of the demo's UMM (configs/demo.yaml, random weights) for its three batch
+kinds — pretraining, RecA, control — with the byte-level and the word-level tokenizer, measured
+in one run on small freshly rendered pools. Prints median seconds per step and the ratios.
+
+    python scripts/bench_demo_step.py [--steps 25] [--out /tmp/reca-bench-demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import torch
+
+from reca.config import load_config
+from reca.demo import encoder as demo_encoder
+from reca.demo import run as demo
+from reca.models.tokenizer import save_word_tokenizer
+from reca.trainer import fit
+
+ARMS = {  # name: (batch, shares) as reca/demo/run.py sets them
+    "pretrain": (demo.DemoSettings().pretrain_batch, demo.DemoSettings().pretrain_shares),
+    "reca": (demo.DemoSettings().reca_batch, demo.DemoSettings().reca_shares),
+    "control": (demo.DemoSettings().reca_batch, {"recon": 0.0, "t2i": 0.5, "i2t": 0.5}),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--out", type=Path, default=Path("/tmp/reca-bench-demo"))
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    (a.out / "cache").mkdir(parents=True, exist_ok=True)
+    model, _, _ = demo_encoder.build()  # random weights: the step costs the same
+    torch.save(model.state_dict(), a.out / "cache/encoder.pt")
+    for kind in ("t2i", "i2t", "recon"):
+        demo.write_pool(a.out / "data" / kind, kind, 512)
+    save_word_tokenizer(demo.world_vocabulary(), a.out / "cache/tokenizer")
+    times: dict[tuple[str, str], float] = {}
+    for tok in ("byte", "word"):
+        for arm, (batch, shares) in ARMS.items():
+            run = a.out / f"run-{tok}-{arm}"
+            shutil.rmtree(run, ignore_errors=True)
+            ov = demo.base_overrides(a.out) + [
+                f"train.max_steps={a.steps}", f"train.batch_size={batch}", "optim.warmup_steps=1", "train.log_every=1",
+                f"train.save_every={a.steps}", "train.sample_every=0", f"train.output_dir={run}"] + [f"objectives.{k}.share={v}" for k, v in shares.items()]
+            if tok == "byte":  # no tokenizer configured: the byte-level fallback for random LMs
+                ov = [o for o in ov if not o.startswith("model.args.tokenizer=")]
+            fit(load_config(demo.ROOT / "configs/demo.yaml", ov))
+            steps = [json.loads(line)["time/step"] for line in (run / "log.jsonl").read_text().splitlines()]
+            times[tok, arm] = statistics.median(steps[5:])  # the first steps warm up allocators
+    print("\nmedian s/step (2 threads)     byte    word   word/byte")
+    for arm in ARMS:
+        print(f"  {arm:<26} {times['byte', arm]:6.3f}  {times['word', arm]:6.3f}   {times['word', arm] / times['byte', arm]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
