@@ -21,10 +21,11 @@ from reca.demo import run as demo
 from reca.models.tokenizer import save_word_tokenizer
 from reca.trainer import fit
 
+S = demo.DemoSettings()
 ARMS = {  # name: (batch, shares) as reca/demo/run.py sets them
-    "pretrain": (demo.DemoSettings().pretrain_batch, demo.DemoSettings().pretrain_shares),
-    "reca": (demo.DemoSettings().reca_batch, demo.DemoSettings().reca_shares),
-    "control": (demo.DemoSettings().reca_batch, {"recon": 0.0, "t2i": 0.5, "i2t": 0.5}),
+    "pretrain": (S.pretrain_batch, S.pretrain_shares),
+    "reca": (S.reca_batch, demo.arm_shares(S, "reca")),
+    "control": (S.reca_batch, demo.arm_shares(S, "control")),
 }
 
 

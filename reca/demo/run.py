@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from reca.demo import encoder as demo_encoder
 from reca.demo.scorer import SCORER_TEST_SEEDS, SCORER_TRAIN_SEEDS, WorldScorer
-from reca.demo.world import CANONICAL, COLOURS, SHAPES, biased_caption, dense_caption, is_canonical, pairs, render
+from reca.demo.world import CANONICAL, biased_caption, dense_caption, is_canonical, pairs, render
 from reca.models.tokenizer import save_word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,11 +140,11 @@ def audit_data(data: Path) -> dict:
 
 
 def world_vocabulary() -> list[str]:
-    """Every text the demo's LM reads: captions (dense and biased), prompts, instructions."""
+    """Every text the demo's LM reads: captions, prompts, instructions. The dense captions of all 36
+    pairs hold every word a biased caption or an evaluation prompt can use."""
     from reca.instructions import INSTRUCTIONS
 
-    captions = [dense_caption(sh, c) for sh, c in pairs("all")] + [f"a {sh}" for sh in SHAPES]
-    return captions + list(INSTRUCTIONS) + [INSTRUCTION, I2T_PROMPT]
+    return [dense_caption(sh, c) for sh, c in pairs("all")] + list(INSTRUCTIONS) + [INSTRUCTION, I2T_PROMPT]
 
 
 def base_overrides(out: Path) -> list[str]:
@@ -163,12 +163,18 @@ def train(out_dir: Path, overrides: list[str]) -> dict:
     return {"final": str(out_dir / "final"), "last": metrics}
 
 
-def finetune_overrides(out: Path, s: DemoSettings, arm: str, seed: int) -> list[str]:
+def arm_shares(s: DemoSettings, arm: str) -> dict[str, float]:
+    """RecA's mixture, or the control's: the same image-to-text share, with the reconstruction
+    samples replaced by captioned text-to-image ones (more of the pretraining mixture)."""
     shares = dict(s.reca_shares)
     if arm == "control":
-        # the same steps, batch and image-to-text samples; the reconstruction samples are replaced by
-        # captioned text-to-image ones (more of the pretraining mixture): only reconstruction is missing
         shares["t2i"], shares["recon"] = shares["t2i"] + shares["recon"], 0.0
+    return shares
+
+
+def finetune_overrides(out: Path, s: DemoSettings, arm: str, seed: int) -> list[str]:
+    """Same steps, batch, seed and schedule for both arms; only the mixture differs (arm_shares)."""
+    shares = arm_shares(s, arm)
     ov = base_overrides(out) + [
         f"model.args.pretrained={out / 'pretrain/final'}", f"train.max_steps={s.reca_steps}", f"train.batch_size={s.reca_batch}",
         f"train.seed={1000 + seed}", f"optim.lr={s.reca_lr}", f"optim.warmup_steps={max(1, s.reca_steps // 20)}",
