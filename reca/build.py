@@ -112,3 +112,28 @@ def load_checkpoint(adapter: nn.Module, path: str | Path, encoder: FrozenEncoder
             raise ConfigError(f"--checkpoint {path}: weights do not fit this adapter (e.g. {unexpected[0]})")
         return adapter
     raise ConfigError(f"--checkpoint {path}: not a PEFT adapter (adapter_config.json), a saved model (reca_adapter.json) or a trainer checkpoint (model.safetensors)")
+
+
+def checkpoint_config(checkpoint: str | Path) -> Path:
+    """The resolved config every reca output stores: ``final/config.json`` or ``checkpoint-N/config.yaml``."""
+    for name in ("config.json", "config.yaml"):
+        if (Path(checkpoint) / name).is_file():
+            return Path(checkpoint) / name
+    raise ConfigError(f"--checkpoint {checkpoint}: holds no config.json or config.yaml; pass --config")
+
+
+def load_trained(cfg: Config, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[UMMAdapter, FrozenEncoder]:
+    """The one way a trained model is loaded for evaluation (CLI, probe, demo): built from ``cfg``
+    as the trainer builds it, ``checkpoint`` loaded on top (a PEFT folder, a ``save_pretrained``
+    folder or a trainer checkpoint, see :func:`load_checkpoint`), in eval mode on ``device``."""
+    from accelerate.utils import set_seed
+
+    # Seed exactly as the trainer does before building, so weights a checkpoint does not supply
+    # (an untrained baseline, tiny random models) are the same in every process.
+    set_seed(cfg.train.seed)
+    adapter, encoder = build(cfg)
+    if checkpoint:
+        adapter = load_checkpoint(adapter, checkpoint, encoder)
+    adapter.to(device).eval()
+    encoder.to(device)
+    return adapter, encoder
