@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m reca.demo.run --out runs/demo
+	$(PY) -m demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

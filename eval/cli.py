@@ -9,8 +9,9 @@
     reca-eval compare  --before runs/eval/before --after runs/eval/after --out runs/eval/compare
     reca-eval gap      --labels labels.jsonl --generation runs/eval/after --config CFG [--checkpoint DIR]
 
-Models are built with reca's own config and build functions (imported only when needed, so the
-scoring and comparison commands work without any model code). Errors print one line and exit 2.
+Models are loaded with reca's own config loader and ``reca.build.load_trained`` (imported only when
+needed, so the scoring and comparison commands work without any model code). Errors print one line
+and exit 2.
 """
 
 from __future__ import annotations
@@ -31,33 +32,22 @@ log = logging.getLogger("reca-eval")
 # --------------------------------------------------------------------------- model building
 
 
-def _config_path(config: str | None, checkpoint: str | None) -> str:
-    """--config, else the resolved config every reca checkpoint stores (``config.json``; JSON is YAML)."""
-    if config:
-        return config
-    if checkpoint and (Path(checkpoint) / "config.json").is_file():
-        return str(Path(checkpoint) / "config.json")
-    raise EvalError("--config is required (or a --checkpoint holding config.json)")
-
-
-def build_model(config: str, checkpoint: str | None, overrides: Sequence[str], device: str) -> tuple[Any, Any, Any]:
-    """(cfg, adapter, encoder) from a reca config, with a trained checkpoint loaded, in eval mode."""
-    from accelerate.utils import set_seed
-
-    from reca.build import build, load_checkpoint
+def model_from_args(args: argparse.Namespace, device: str) -> tuple[str, Any, Any, Any]:
+    """(config path, cfg, adapter, encoder) for ``--config`` (default: the config ``--checkpoint``
+    stores, ``reca.build.checkpoint_config``) with the dotted overrides, and ``--checkpoint`` loaded
+    on top by ``reca.build.load_trained``, in eval mode on ``device``."""
+    from reca.build import checkpoint_config, load_trained
     from reca.config import load_config
 
-    cfg = load_config(config, list(overrides))
-    # Seed exactly as the trainer does before building, so weights a checkpoint does not supply
-    # (an untrained baseline, tiny random models) are the same in every process.
-    set_seed(cfg.train.seed)
-    adapter, encoder = build(cfg)
-    if checkpoint:
-        adapter = load_checkpoint(adapter, checkpoint, encoder)
-    adapter.to(device).eval()
-    if hasattr(encoder, "to"):
-        encoder.to(device)
-    return cfg, adapter, encoder
+    if args.config:
+        config = str(args.config)
+    elif args.checkpoint:
+        config = str(checkpoint_config(args.checkpoint))
+    else:
+        raise EvalError("--config is required (or a --checkpoint holding its config.json)")
+    cfg = load_config(config, list(args.overrides))
+    adapter, encoder = load_trained(cfg, args.checkpoint, device)
+    return config, cfg, adapter, encoder
 
 
 def _default_device() -> str:
@@ -95,17 +85,16 @@ def cmd_prompts(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from eval.runner import describe_model, generate, sha256_file
+    from eval.runner import describe_model, generate
+    from reca.config import to_dict
+    from reca.io import sha256_file
 
     prompts = load_prompts(args.prompts)
-    config = _config_path(args.config, args.checkpoint)
-    device = args.device or _default_device()
-    cfg, adapter, _ = build_model(config, args.checkpoint, args.overrides, device)
-    from reca.config import to_dict
-
-    info = describe_model(adapter, args.checkpoint, config=config, config_sha256=sha256_file(Path(config)),
+    config, cfg, adapter, _ = model_from_args(args, args.device or _default_device())
+    info = describe_model(adapter, args.checkpoint, config=config, config_sha256=sha256_file(config),
                           overrides=list(args.overrides), resolved_config=to_dict(cfg))
-    source = {"spec": str(args.prompts), "files": {str(f): sha256_file(f) for f in prompt_source_files(args.prompts) if f.is_file()}}
+    files = [f for f in prompt_source_files(args.prompts) if f.is_file()]
+    source = {"spec": str(args.prompts), "files": {str(f): sha256_file(f) for f in files}}
     guidance = args.guidance if args.guidance is not None else cfg.train.guidance_scale
     steps = args.steps if args.steps is not None else cfg.train.sample_steps
     with torch.inference_mode():
@@ -126,7 +115,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         kwargs = {"name": args.clip_model, "pretrained": args.clip_pretrained, "device": device,
                   "mask_background": args.mask_background, **kwargs}
     elif args.scorer == "vqa":
-        _, adapter, encoder = build_model(_config_path(args.config, args.checkpoint), args.checkpoint, args.overrides, device)
+        _, _, adapter, encoder = model_from_args(args, device)
         kwargs = {"adapter": adapter, "encoder": encoder, **kwargs}
     scorer = build_scorer(args.scorer, **kwargs)
     results = score_run(args.run, scorer, out_dir=args.out, n_boot=args.bootstrap, seed=args.seed)
@@ -158,8 +147,7 @@ def cmd_gap(args: argparse.Namespace) -> int:
     from eval.report import understanding_gap
     from eval.scorers import VQAScorer
 
-    device = args.device or _default_device()
-    _, adapter, encoder = build_model(_config_path(args.config, args.checkpoint), args.checkpoint, args.overrides, device)
+    _, _, adapter, encoder = model_from_args(args, args.device or _default_device())
     result = understanding_gap(args.labels, VQAScorer(adapter, encoder), args.generation, out_dir=args.out,
                                n_boot=args.bootstrap, seed=args.seed)
     for cat, c in result["categories"].items():

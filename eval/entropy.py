@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -183,32 +182,3 @@ def conditional_entropy(
     n_p = len(p)
     h_pp = renyi_entropy_from_gram(K[:n_p, :n_p], alpha, base) if n_p else 0.0
     return renyi_entropy_from_gram(K, alpha, base) - h_pp
-
-
-def bootstrap_means(values, n_resamples: int = 1000, seed: int | np.random.Generator = 0) -> np.ndarray:
-    """Means of ``n_resamples`` resamples with replacement of the rows of ``values`` (shape (n, ...))
-    → shape (n_resamples, ...). Drawn as multinomial counts per resample, so the cost is one
-    (n_resamples × n) @ (n × rest) product rather than copying the data n_resamples times."""
-    v = np.asarray(values, dtype=np.float64)
-    n = len(v)
-    if n == 0:
-        raise ValueError("cannot bootstrap zero values")
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples) / n
-    return (weights @ v.reshape(n, -1)).reshape((n_resamples,) + v.shape[1:])
-
-
-def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> tuple:
-    """(lo, hi) percentile interval over the first axis of ``replicates``."""
-    lo, hi = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2], axis=0)
-    return lo, hi
-
-
-def bootstrap_ci(values, n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, lo, hi): the sample mean of 1-D ``values`` and its percentile-bootstrap interval at
-    ``level`` (seeded, ``n_resamples`` resamples). NaNs if ``values`` is empty."""
-    v = np.asarray(values, dtype=np.float64).ravel()
-    if len(v) == 0:
-        return math.nan, math.nan, math.nan
-    lo, hi = percentile_interval(bootstrap_means(v, n_resamples, seed), level)
-    return float(v.mean()), float(lo), float(hi)

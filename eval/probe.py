@@ -37,8 +37,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from torch import Tensor
 
-from eval.entropy import bootstrap_ci, bootstrap_means, conditional_entropy, percentile_interval, renyi_entropy
-from eval.runner import atomic_write, atomic_write_text
+from eval.entropy import conditional_entropy, renyi_entropy
+from eval.stats import bootstrap_ci, bootstrap_means, percentile_interval
+from reca.io import atomic_write, atomic_write_text
 
 MODALITIES = ("text", "image")
 LEVEL = 0.95
@@ -359,10 +360,12 @@ def _manifest_images(path: Path, n: int) -> tuple[list[Any], list[str]]:
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    from eval.cli import build_model
     from eval.prompts import load_prompts
+    from reca.build import load_trained
+    from reca.config import load_config
 
-    _, adapter, encoder = build_model(args.config, args.checkpoint, args.overrides, "cuda" if torch.cuda.is_available() else "cpu")
+    cfg = load_config(args.config, list(args.overrides))
+    adapter, encoder = load_trained(cfg, args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
     texts = [p.prompt for p in load_prompts(args.texts)][: args.n]
     images, captions = _manifest_images(Path(args.images), args.n)
     with torch.no_grad():

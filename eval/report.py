@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -29,45 +28,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from eval.prompts import COLORS, EvalError, read_jsonl
-from eval.runner import atomic_write_json, atomic_write_text, iter_images, load_run, read_manifest, save_png
+from eval.runner import iter_images, load_run, read_manifest, save_png
 from eval.scorers import Scorer, VQAScorer, article
+from eval.stats import bootstrap_indices, percentile_interval, resampled_accuracy, wilson_interval
+from reca.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-Z95 = 1.959963984540054
 SCORES_DIR = "scores"
-
-
-# --------------------------------------------------------------------------- statistics (pure)
-
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (sane at 0% and 100%, unlike Wald)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # exact bounds at 0 and n (the formula leaves float dust like 7e-18 there)
-    return (0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half))
-
-
-def bootstrap_indices(sizes: Mapping[str, int], n_boot: int, seed: int) -> dict[str, np.ndarray]:
-    """Resampled prompt positions per category, ``(n_boot, m)`` each, drawn in sorted category order
-    from one seeded generator; reusing them for two runs gives a paired bootstrap."""
-    rng = np.random.default_rng(seed)
-    return {tag: rng.integers(0, sizes[tag], size=(n_boot, sizes[tag])) for tag in sorted(sizes)}
-
-
-def resampled_accuracy(correct: np.ndarray, total: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Accuracy (correct images / images) of each bootstrap replicate of prompts ``idx``."""
-    return correct[idx].sum(axis=1) / np.maximum(total[idx].sum(axis=1), 1)
-
-
-def percentile_ci(replicates: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    lo, hi = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2])
-    return (float(lo), float(hi))
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -127,12 +95,12 @@ def aggregate(rows: Iterable[Mapping[str, Any]], *, n_boot: int = 1000, seed: in
         boot = resampled_accuracy(correct, total, idx[tag])
         replicates.append(boot)
         k, n = int(correct.sum()), int(total.sum())
-        categories[tag] = {"accuracy": k / n, "ci95": percentile_ci(boot), "wilson95": wilson_interval(k, n),
+        categories[tag] = {"accuracy": k / n, "ci95": percentile_interval(boot), "wilson95": wilson_interval(k, n),
                            "n_prompts": len(g), "n_images": n, "n_correct": k,
                            "n_unverified": sum(p["n_unverified"] for p in g)}
     overall_boot = np.mean(replicates, axis=0)
     overall = {"accuracy": float(np.mean([c["accuracy"] for c in categories.values()])),
-               "ci95": percentile_ci(overall_boot), "definition": "unweighted mean over categories",
+               "ci95": percentile_interval(overall_boot), "definition": "unweighted mean over categories",
                "n_prompts": len(prompts), "n_images": sum(p["n_images"] for p in prompts)}
     return {"categories": categories, "overall": overall, "prompts": prompts,
             "bootstrap": {"n": n_boot, "seed": seed, "unit": "prompt", "level": 0.95}}
@@ -338,11 +306,11 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, scorer
         delta_boot = stats[1][1] - stats[0][1]
         deltas.append(delta_boot)
         categories[tag] = {"before": float(stats[0][0]), "after": float(stats[1][0]), "delta": float(stats[1][0] - stats[0][0]),
-                           "delta_ci95": percentile_ci(delta_boot), "n_prompts": len(members)}
+                           "delta_ci95": percentile_interval(delta_boot), "n_prompts": len(members)}
     overall = {"before": float(np.mean([c["before"] for c in categories.values()])),
                "after": float(np.mean([c["after"] for c in categories.values()]))}
     overall["delta"] = overall["after"] - overall["before"]
-    overall["delta_ci95"] = percentile_ci(np.mean(deltas, axis=0))
+    overall["delta_ci95"] = percentile_interval(np.mean(deltas, axis=0))
     result = {"before": str(run_a), "after": str(run_b), "scorer": before.get("scorer"), "categories": categories,
               "overall": overall, "only_before": sorted(set(pa) - set(pb)), "only_after": sorted(set(pb) - set(pa)),
               "prompts": [{"index": i, "tag": pa[i]["tag"], "prompt": pa[i]["prompt"], "before": pa[i]["accuracy"],
@@ -440,7 +408,7 @@ def understanding_gap(labels_path: str | Path, vqa: VQAScorer, generation: Mappi
         if cat in by_cat:
             ok = np.array(by_cat[cat], dtype=float)
             k, n = int(ok.sum()), len(ok)
-            entry.update(understanding=k / n, understanding_ci95=percentile_ci(resampled_accuracy(ok, np.ones_like(ok), idx[cat])),
+            entry.update(understanding=k / n, understanding_ci95=percentile_interval(resampled_accuracy(ok, np.ones_like(ok), idx[cat])),
                          understanding_wilson95=wilson_interval(k, n), n_labelled=n)
         if cat in gen["categories"]:
             g = gen["categories"][cat]

@@ -7,8 +7,8 @@ Layout (what GenEval's own scorer reads, plus a manifest)::
     <out>/00042/samples/0000.png ...    n_images samples
     <out>/00042/grid.png                the samples side by side (for eyes, never scored)
 
-Every file is written atomically (temporary file in the same folder, then ``os.replace``), so a
-killed run leaves complete files or none; a re-run only draws the images that are missing or
+Every file is written atomically (``reca.io``: temporary file in the same folder, then
+``os.replace``), so a killed run leaves complete files or none; a re-run only draws the images that are missing or
 unreadable. Image ``i`` of prompt ``p`` always gets seed :func:`image_seed` ``(seed, p, i)`` and
 adapters draw each image from its own seed alone, so any subset, batch size or resume order
 reproduces the same pixels.
@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -28,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 from PIL import Image
 
 from eval.prompts import EvalError, Prompt, prompts_digest
+from reca.io import atomic_write, atomic_write_json, atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
 SEED_RULE = "int(sha256(f'reca-eval/{seed}/{prompt_index}/{image_index}').hexdigest()[:8], 16) & 0x7FFFFFFF"
@@ -56,15 +55,6 @@ def sample_path(out: Path, index: int, image_index: int) -> Path:
     return prompt_dir(out, index) / "samples" / f"{image_index:04d}.png"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, streamed (checkpoints can be many GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sha256_tree(path: str | Path) -> str:
     """sha256 of a file, or of a folder as (relative path, file hash) pairs in sorted order, so the
     hash does not depend on listing order or on where the folder lives."""
@@ -90,36 +80,11 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-# --------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``.
-
-    Same folder so that ``os.replace`` is a rename on one filesystem (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+# --------------------------------------------------------------------------- images on disk
 
 
 def save_png(path: str | Path, image: Image.Image) -> None:
+    """``image`` as a PNG at ``path``, atomically (:func:`reca.io.atomic_write`)."""
     atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
@@ -131,19 +96,6 @@ def is_valid_image(path: Path) -> bool:
         return True
     except (OSError, ValueError, SyntaxError):  # PIL raises SyntaxError for some broken headers
         return False
-
-
-def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
-    """Images side by side (one row unless ``cols``), all resized to the first one's size."""
-    if not images:
-        raise ValueError("make_grid needs at least one image")
-    w, h = images[0].size
-    cols = cols or len(images)
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB").resize((w, h)), ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 # --------------------------------------------------------------------------- model description
@@ -206,7 +158,8 @@ def generate(adapter: Any, prompts: Sequence[Prompt], out_dir: str | Path, *, n_
     ``model_info``: see :func:`describe_model`. ``prompts_source``: extra manifest fields about the
     prompt file (spec, file hashes). Batches mix prompts; that is safe because each image depends
     on its own seed only (the adapter contract)."""
-    from reca.adapter import Condition  # reca's torch import stays out of `import eval.runner`
+    from reca.adapter import Condition  # reca's torch imports stay out of `import eval.runner`
+    from reca.images import make_grid
 
     if n_images < 1 or batch_size < 1:
         raise EvalError(f"n_images ({n_images}) and batch_size ({batch_size}) must be ≥ 1")

@@ -1,4 +1,4 @@
-"""Training-step time of the demo's UMM (configs/demo.yaml, random weights) for its three batch
+"""Training-step time of the demo's UMM (demo/config.yaml, random weights) for its three batch
 kinds — pretraining, RecA, control — with the byte-level and the word-level tokenizer, measured
 in one run on small freshly rendered pools. Prints median seconds per step and the ratios.
 
@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from reca.config import load_config
-from reca.demo import encoder as demo_encoder
-from reca.demo import run as demo
+from demo import encoder as demo_encoder
+from demo import run as demo
+from reca.config import validate
 from reca.models.tokenizer import save_word_tokenizer
 from reca.trainer import fit
 
 S = demo.DemoSettings()
-ARMS = {  # name: (batch, shares) as reca/demo/run.py sets them
+ARMS = {  # name: (batch, shares) as demo/run.py sets them
     "pretrain": (S.pretrain_batch, S.pretrain_shares),
     "reca": (S.reca_batch, demo.arm_shares(S, "reca")),
     "control": (S.reca_batch, demo.arm_shares(S, "control")),
@@ -46,12 +46,15 @@ def main() -> None:
         for arm, (batch, shares) in ARMS.items():
             run = a.out / f"run-{tok}-{arm}"
             shutil.rmtree(run, ignore_errors=True)
-            ov = demo.base_overrides(a.out) + [
-                f"train.max_steps={a.steps}", f"train.batch_size={batch}", "optim.warmup_steps=1", "train.log_every=1",
-                f"train.save_every={a.steps}", "train.sample_every=0", f"train.output_dir={run}"] + [f"objectives.{k}.share={v}" for k, v in shares.items()]
+            cfg = demo.base_config(a.out)
             if tok == "byte":  # no tokenizer configured: the byte-level fallback for random LMs
-                ov = [o for o in ov if not o.startswith("model.args.tokenizer=")]
-            fit(load_config(demo.ROOT / "configs/demo.yaml", ov))
+                cfg = demo.derive(cfg, model={"args": {k: v for k, v in cfg.model.args.items() if k != "tokenizer"}})
+            cfg = demo.derive(cfg, optim={"warmup_steps": 1},
+                              train={"max_steps": a.steps, "batch_size": batch, "log_every": 1, "save_every": a.steps,
+                                     "sample_every": 0, "output_dir": str(run)})
+            cfg = demo.with_shares(cfg, shares)
+            validate(cfg)
+            fit(cfg)
             steps = [json.loads(line)["time/step"] for line in (run / "log.jsonl").read_text().splitlines()]
             times[tok, arm] = statistics.median(steps[5:])  # the first steps warm up allocators
     print("\nmedian s/step (2 threads)     byte    word   word/byte")

@@ -13,8 +13,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from reca.demo import run as demo
-from reca.demo.scorer import WorldScorer
+from demo import run as demo
+from demo.scorer import WorldScorer
 from reca.objectives import OBJECTIVES
 
 
@@ -43,8 +43,10 @@ def main() -> None:
     scorer = WorldScorer.load_or_train(a.out / "cache/scorer.pt")
     for arm in ("reca", "control"):
         name = f"abl-{tag}-{arm}-seed{a.seed}"
-        demo.cached(a.out / "stages" / f"train-{name}.json", lambda: demo.train(a.out / name, demo.finetune_overrides(a.out, settings, arm, a.seed)))
-        result = demo.cached(a.out / "stages" / f"eval-{name}.json", lambda: demo.evaluate(a.out, name, a.out / name / "final", settings, scorer))
+        demo.cached(a.out / "stages" / f"train-{name}.json",
+                    lambda: demo.train(a.out / name, demo.finetune_config(a.out, settings, arm, a.seed)))
+        result = demo.cached(a.out / "stages" / f"eval-{name}.json",
+                             lambda: demo.evaluate(a.out, name, a.out / name / "final", settings, scorer))
         g, r = result["generation"], result["reconstruction"]["rare"]
         print(f"{name}: rare right colour {g['rare']['colour']}/{g['rare']['n']}, rare colour+shape {g['rare']['both']}/{g['rare']['n']}, "
               f"rare drawn canonical {g['rare']['drawn_canonical_colour']}/{g['rare']['n']}, "

@@ -12,11 +12,21 @@ import pytest
 import torch
 from PIL import Image
 
-from reca.demo import run as demo
-from reca.demo.scorer import palette_colour
-from reca.demo.world import CANONICAL, COLOURS, RARE, SHAPES, biased_caption, render
+from demo import run as demo
+from demo.scorer import palette_colour
+from demo.world import CANONICAL, COLOURS, RARE, SHAPES, biased_caption, render
+from reca.build import load_trained
+from reca.config import to_dict
 from reca.models.metaquery import MetaQueryAdapter
 from reca.objectives import OBJECTIVES
+
+
+def dotted(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"section.key": value}."""
+    out = {}
+    for k, v in tree.items():
+        out |= dotted(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v}
+    return out
 
 
 def test_world_is_deterministic_with_ground_truth() -> None:
@@ -55,7 +65,7 @@ def test_control_arm_replaces_reconstruction_by_captioned_samples() -> None:
     """The control differs from RecA only in what the reconstruction samples are: the same steps,
     batch, seed, schedule and image-to-text share; its generation samples are captioned ones."""
     s = demo.DemoSettings()
-    reca, control = (dict(o.split("=", 1) for o in demo.finetune_overrides(Path("out"), s, arm, 0)) for arm in ("reca", "control"))
+    reca, control = (dotted(to_dict(demo.finetune_config(Path("out"), s, arm, 0))) for arm in ("reca", "control"))
     shares = {arm: {k: float(o[f"objectives.{k}.share"]) for k in OBJECTIVES} for arm, o in (("reca", reca), ("control", control))}
     assert shares["control"]["recon"] == 0.0 and shares["reca"]["recon"] > 0
     assert shares["control"]["t2i"] == shares["reca"]["t2i"] + shares["reca"]["recon"]
@@ -97,11 +107,12 @@ def test_lora_arm_trains_an_adapter_and_loads_back(quick_run) -> None:
     """`--lora`: RecA through PEFT on the pretrained demo model; evaluation loads base + adapter."""
     out, settings, _ = quick_run
     lora = dataclasses.replace(settings, lora=True)
-    demo.train(out / "lora-reca", demo.finetune_overrides(out, lora, "reca", 0))
+    demo.train(out / "lora-reca", demo.finetune_config(out, lora, "reca", 0))
     final = out / "lora-reca/final"
     assert (final / "adapter_config.json").is_file() and not (final / "reca_adapter.json").exists()
-    tuned = demo.load_model(out, final, lora=True)[0].state_dict()  # the adapter merged into the base
-    base = demo.load_model(out, out / "pretrain/final", lora=False)[0].state_dict()
+    # the adapter merged into the base
+    tuned = load_trained(*demo.eval_config(out, final, lora=True))[0].state_dict()
+    base = load_trained(*demo.eval_config(out, out / "pretrain/final", lora=False))[0].state_dict()
     assert tuned.keys() == base.keys()
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert changed, "the LoRA update did not reach the loaded model"

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import eval.runner as runner
+import reca.io
 from eval.cli import main
 from eval.prompts import COLORS, EvalError, load_builtin
 from eval.report import compare, load_results, log_wandb, score_run, understanding_gap
@@ -260,14 +261,14 @@ def test_crash_while_writing_a_png_leaves_no_half_written_file(tmp_path, monkeyp
 
 def test_atomic_write_keeps_old_content_on_failure(tmp_path):
     target = tmp_path / "results.json"
-    runner.atomic_write_json(target, {"v": 1})
+    reca.io.atomic_write_json(target, {"v": 1})
 
     def half_then_crash(f):
         f.write(b'{"v": 2, "trunc')
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        runner.atomic_write(target, half_then_crash)
+        reca.io.atomic_write(target, half_then_crash)
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left behind
 
@@ -405,18 +406,20 @@ def test_cli_score_and_compare(runs, tmp_path, capsys):
 
 def test_cli_generate_builds_through_reca(monkeypatch, tmp_path, capsys):
     """generate's wiring: config → (stubbed) build → runner, with the config hashed into the manifest."""
-    import eval.cli as cli
-    from reca.config import load_config
+    import reca.build
+    import reca.config
 
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text("train: {guidance_scale: 2.5, sample_steps: 3}\nobjectives: {recon: {share: 1.0, data: {path: unused}}}\n")
     seen = {}
+    real_load_config = reca.config.load_config
 
-    def fake_build(config, checkpoint, overrides, device):
+    def spy_load_config(config, overrides):
         seen.update(config=config, overrides=list(overrides))
-        return load_config(config, list(overrides)), DiscAdapter(), None
+        return real_load_config(config, overrides)
 
-    monkeypatch.setattr(cli, "build_model", fake_build)
+    monkeypatch.setattr(reca.config, "load_config", spy_load_config)
+    monkeypatch.setattr(reca.build, "load_trained", lambda cfg, checkpoint, device: (DiscAdapter(), None))
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(p.to_geneval()) + "\n" for p in COLOUR_PROMPTS[:3]))
     out = tmp_path / "run"

@@ -248,7 +248,7 @@ def test_load_scorer_by_import_path():
 
 
 def test_wilson_interval_known_values():
-    from eval.report import wilson_interval
+    from eval.stats import wilson_interval
 
     lo, hi = wilson_interval(5, 10)
     assert math.isclose(lo, 0.2366, abs_tol=1e-4) and math.isclose(hi, 0.7634, abs_tol=1e-4)

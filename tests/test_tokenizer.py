@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from demo.run import I2T_PROMPT, eval_prompts, world_vocabulary
 from reca.build import build
 from reca.config import load_config
-from reca.demo.run import I2T_PROMPT, eval_prompts, world_vocabulary
 from reca.models.tokenizer import UNK, byte_tokenizer, save_word_tokenizer, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def test_one_token_per_word_and_unknown_words_map_to_unk() -> None:
 def test_demo_vocabulary_covers_every_text_its_lm_reads() -> None:
     from reca.instructions import INSTRUCTIONS
 
-    assert I2T_PROMPT == load_config(ROOT / "configs/demo.yaml").objectives.i2t_prompt  # training and eval ask alike
+    assert I2T_PROMPT == load_config(ROOT / "demo/config.yaml").objectives.i2t_prompt  # training and eval ask alike
     tok = word_tokenizer(world_vocabulary())
     texts = [p.prompt for p in eval_prompts()] + list(INSTRUCTIONS) + [I2T_PROMPT, "a star", "a red ring"]
     for text in texts:

@@ -14,13 +14,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from demo.seeds import SCORER_TEST_SEEDS, SCORER_TRAIN_SEED, SCORER_TRAIN_SEEDS
+from demo.world import COLOURS, SHAPES, render
 from eval.scorers import palette_votes
-from reca.demo.world import COLOURS, SHAPES, render
+from reca.io import atomic_write
 
-# Seed ranges of the demo, disjoint by construction: no evaluation render or sample seed is ever a
-# training seed (checked in reca.demo.run).
-SCORER_TRAIN_SEEDS = range(50_000_000, 50_006_000)
-SCORER_TEST_SEEDS = range(51_000_000, 51_003_000)
 PALETTE_RGB255 = {name: tuple(255 * c for c in rgb) for name, rgb in COLOURS.items()}
 
 
@@ -64,7 +62,7 @@ def _renders(seeds: range) -> tuple[list[Image.Image], torch.Tensor]:
     return [r.image for r in items], torch.tensor([SHAPES.index(r.shape) for r in items])
 
 
-def train_shape_net(steps: int = 1200, seed: int = 0) -> tuple[ShapeNet, float]:
+def train_shape_net(steps: int = 1200, seed: int = SCORER_TRAIN_SEED) -> tuple[ShapeNet, float]:
     """Train on ground-truth renders; returns the net and its held-out accuracy."""
     torch.manual_seed(seed)
     images, labels = _renders(SCORER_TRAIN_SEEDS)
@@ -107,10 +105,7 @@ class WorldScorer:
             return cls(net, state["accuracy"])
         net, accuracy = train_shape_net()
         if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".tmp-{path.name}")
-            torch.save({"net": net.state_dict(), "accuracy": accuracy}, tmp)
-            tmp.replace(path)
+            atomic_write(path, lambda f: torch.save({"net": net.state_dict(), "accuracy": accuracy}, f))
         return cls(net, accuracy)
 
     @torch.no_grad()

@@ -13,14 +13,14 @@ import open_clip
 import torch
 from open_clip.loss import ClipLoss
 
-from reca.demo.world import COLOURS, SHAPES, dense_caption, render
+from demo.seeds import ENCODER_SEEDS, ENCODER_TEST_SEEDS, ENCODER_TRAIN_SEED
+from demo.world import COLOURS, SHAPES, dense_caption, render
+from reca.io import atomic_write
 
 NAME = "ViT-B-32"  # only the architecture family; every size below overrides it
 OVERRIDES = {"embed_dim": 64,
              "vision_cfg": {"width": 64, "layers": 3, "patch_size": 4, "image_size": 16, "head_width": 32},
              "text_cfg": {"width": 64, "layers": 2, "heads": 4, "context_length": 8}}
-ENCODER_SEEDS = range(40_000_000, 40_008_000)
-ENCODER_TEST_SEEDS = range(41_000_000, 41_001_080)
 ALL_PAIRS = [(s, c) for s in SHAPES for c in COLOURS]
 
 
@@ -53,7 +53,7 @@ def zero_shot_accuracy(model, tokenizer, images: torch.Tensor, labels: list[int]
     return float(((img @ text.T).argmax(1) == torch.tensor(labels)).float().mean())
 
 
-def pretrain(out: Path, steps: int = 400, batch: int = 128, seed: int = 0) -> float:
+def pretrain(out: Path, steps: int = 400, batch: int = 128, seed: int = ENCODER_TRAIN_SEED) -> float:
     """Train, check, save the state dict atomically to ``out``; returns the held-out zero-shot accuracy."""
     torch.manual_seed(seed)
     model, tokenizer, _ = build()
@@ -74,8 +74,5 @@ def pretrain(out: Path, steps: int = 400, batch: int = 128, seed: int = 0) -> fl
         sched.step()
     test_images, test_labels = _pool(ENCODER_TEST_SEEDS)
     accuracy = zero_shot_accuracy(model, tokenizer, test_images, test_labels)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(out)
+    atomic_write(out, lambda f: torch.save(model.state_dict(), f))
     return accuracy

@@ -2,44 +2,44 @@
 evaluation before → RecA and a control arm (same steps and data, no reconstruction), several seeds
 each → evaluation after → report. Every finished stage is cached under ``--out``; a re-run skips it.
 
-    python -m reca.demo.run [--out runs/demo] [--quick] [--lora]
+    python -m demo [--out runs/demo] [--quick] [--lora]
+
+Its UMM is ``demo/config.yaml`` (package data); every stage's config is derived from it as an
+object (:func:`base_config`, :func:`pretrain_config`, :func:`finetune_config`, :func:`eval_config`).
+Seeds: :mod:`demo.seeds`; statistics: :mod:`eval.stats`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import functools
+import importlib.resources
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from reca.demo import encoder as demo_encoder
-from reca.demo.scorer import SCORER_TEST_SEEDS, SCORER_TRAIN_SEEDS, WorldScorer
-from reca.demo.world import CANONICAL, biased_caption, dense_caption, is_canonical, pairs, render
+from demo import encoder as demo_encoder
+from demo.scorer import WorldScorer
+from demo.seeds import (EVAL_SAMPLE_SEED, SEEDS, caption_seed, check_guardrails, finetune_seed, probe_seeds,
+                        understanding_seeds)
+from demo.world import CANONICAL, biased_caption, dense_caption, is_canonical, pairs, render
+from eval.stats import t_interval, wilson_interval
+from reca.config import Config, load_config, validate
+from reca.io import atomic_dir, atomic_write_json, atomic_write_text
 from reca.models.tokenizer import save_word_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
-# Disjoint seed ranges (guardrail: evaluation never sees a training render or a training seed).
-SEEDS = {
-    "t2i": range(1_000_000, 1_000_000 + 100_000),
-    "i2t": range(2_000_000, 2_000_000 + 100_000),
-    "recon": range(3_000_000, 3_000_000 + 100_000),
-    "encoder": demo_encoder.ENCODER_SEEDS,
-    "encoder_test": demo_encoder.ENCODER_TEST_SEEDS,
-    "scorer": SCORER_TRAIN_SEEDS,
-    "scorer_test": SCORER_TEST_SEEDS,
-    "eval_renders": range(60_000_000, 60_100_000),
-}
-EVAL_SAMPLE_SEED = 90_000  # eval.runner derives every sample's seed from this by hashing
 INSTRUCTION = "Reconstruct this image."
-I2T_PROMPT = "Describe the image."  # configs/demo.yaml objectives.i2t_prompt
+I2T_PROMPT = "Describe the image."  # demo/config.yaml objectives.i2t_prompt
+T = TypeVar("T")
 
 
 @dataclass
@@ -76,22 +76,13 @@ class DemoSettings:
                    seeds=(0, 1, 2), samples=2, renders=2, sample_steps=2, encoder_steps=5)
 
 
-def check_guardrails() -> None:
-    ranges = sorted((r.start, r.stop, k) for k, r in SEEDS.items())
-    for (a0, a1, ka), (b0, b1, kb) in zip(ranges, ranges[1:]):
-        if a1 > b0:
-            raise AssertionError(f"seed ranges {ka} and {kb} overlap")
-
-
 def cached(path: Path, make: Callable[[], dict]) -> dict:
     """Run a stage once; its result JSON is written atomically after the stage has finished."""
     if path.is_file():
         return json.loads(path.read_text())
     started = time.time()
     result = make() | {"seconds": round(time.time() - started, 1)}
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, result, sort_keys=False)
     return result
 
 
@@ -100,25 +91,24 @@ def cached(path: Path, make: Callable[[], dict]) -> dict:
 
 def write_pool(folder: Path, kind: str, n: int) -> dict:
     """Render a pool to PNGs plus a manifest. t2i: canonical pairs, biased captions; i2t: all
-    pairs, dense captions; recon: all pairs, no caption column at all."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(SEEDS[kind].start)
+    pairs, dense captions; recon: all pairs, no caption column at all. The folder appears whole
+    (filled beside it, then renamed), then its manifest."""
+    rng = np.random.default_rng(caption_seed(kind))
     choices = pairs("canonical") if kind == "t2i" else pairs("all")
     lines = []
-    for i, seed in enumerate(SEEDS[kind][:n]):
-        shape, colour = choices[i % len(choices)]
-        name = f"{kind}-{i:06d}.png"
-        render(shape, colour, seed).image.save(folder / name)
-        line = {"image": f"{folder.name}/{name}"}
-        if kind == "t2i":
-            line["caption"] = biased_caption(shape, colour, rng)
-        elif kind == "i2t":
-            line["caption"] = dense_caption(shape, colour)
-        lines.append(line)
+    with atomic_dir(folder) as tmp:
+        for i, seed in enumerate(SEEDS[kind][:n]):
+            shape, colour = choices[i % len(choices)]
+            name = f"{kind}-{i:06d}.png"
+            render(shape, colour, seed).image.save(tmp / name)
+            line = {"image": f"{folder.name}/{name}"}
+            if kind == "t2i":
+                line["caption"] = biased_caption(shape, colour, rng)
+            elif kind == "i2t":
+                line["caption"] = dense_caption(shape, colour)
+            lines.append(line)
     manifest = folder.parent / f"{kind}.jsonl"
-    tmp = manifest.with_name(f".tmp-{manifest.name}")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    os.replace(tmp, manifest)
+    atomic_write_text(manifest, "".join(json.dumps(line) + "\n" for line in lines))
     return {"manifest": str(manifest), "n": n}
 
 
@@ -147,18 +137,64 @@ def world_vocabulary() -> list[str]:
     return [dense_caption(sh, c) for sh, c in pairs("all")] + list(INSTRUCTIONS) + [INSTRUCTION, I2T_PROMPT]
 
 
-def base_overrides(out: Path) -> list[str]:
+def derive(obj: T, **changes: Any) -> T:
+    """A copy of the dataclass ``obj`` with fields replaced; a dict given for a field that is itself
+    a dataclass replaces fields inside it, recursively:
+    ``derive(cfg, train={"max_steps": 5}, objectives={"t2i": {"share": 0.5}})``. A dict given for a
+    plain dict field (``model.args``) replaces that dict."""
+    fields = {}
+    for name, value in changes.items():
+        current = getattr(obj, name)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            value = derive(current, **value)
+        fields[name] = value
+    return dataclasses.replace(obj, **fields)
+
+
+def with_shares(cfg: Config, shares: dict[str, float]) -> Config:
+    """``cfg`` with these objectives' shares of each batch."""
+    return derive(cfg, objectives={k: {"share": float(v)} for k, v in shares.items()})
+
+
+def with_pretrained(cfg: Config, pretrained: Path) -> Config:
+    """``cfg`` whose UMM starts from the ``save_pretrained`` folder ``pretrained``."""
+    return derive(cfg, model={"args": {**cfg.model.args, "pretrained": str(pretrained)}})
+
+
+@functools.lru_cache(maxsize=1)
+def _config_yaml() -> Config:
+    with importlib.resources.as_file(importlib.resources.files("demo") / "config.yaml") as path:
+        return load_config(path)
+
+
+def base_config(out: Path) -> Config:
+    """demo/config.yaml (read once) with this run's files: the frozen encoder, the word tokenizer
+    and the three data pools, logging every 25 steps."""
+    cfg = copy.deepcopy(_config_yaml())
     data = out / "data"
-    return [f"encoder.pretrained={out / 'cache/encoder.pt'}", f"model.args.tokenizer={out / 'cache/tokenizer'}",
-            f"objectives.recon.data.path={data / 'recon.jsonl'}", f"objectives.t2i.data.path={data / 't2i.jsonl'}",
-            f"objectives.i2t.data.path={data / 'i2t.jsonl'}", "train.log_every=25"]
+    cfg = derive(cfg, encoder={"pretrained": str(out / "cache/encoder.pt")},
+                 model={"args": {**cfg.model.args, "tokenizer": str(out / "cache/tokenizer")}},
+                 objectives={k: {"data": {"path": str(data / f"{k}.jsonl")}} for k in ("recon", "t2i", "i2t")},
+                 train={"log_every": 25})
+    validate(cfg)
+    return cfg
 
 
-def train(out_dir: Path, overrides: list[str]) -> dict:
-    from reca.config import load_config
+def pretrain_config(out: Path, s: DemoSettings) -> Config:
+    """The UMM's pretraining on biased captions (no reconstruction)."""
+    cfg = derive(base_config(out), optim={"warmup_steps": min(100, s.pretrain_steps // 10)},
+                 train={"max_steps": s.pretrain_steps, "batch_size": s.pretrain_batch,
+                        "save_every": s.pretrain_steps, "sample_every": 0})
+    cfg = with_shares(cfg, s.pretrain_shares)
+    validate(cfg)
+    return cfg
+
+
+def train(out_dir: Path, cfg: Config) -> dict:
     from reca.trainer import fit
 
-    cfg = load_config(ROOT / "configs/demo.yaml", overrides + [f"train.output_dir={out_dir}"])
+    cfg = derive(cfg, train={"output_dir": str(out_dir)})
+    validate(cfg)
     metrics = fit(cfg)
     return {"final": str(out_dir / "final"), "last": metrics}
 
@@ -172,34 +208,28 @@ def arm_shares(s: DemoSettings, arm: str) -> dict[str, float]:
     return shares
 
 
-def finetune_overrides(out: Path, s: DemoSettings, arm: str, seed: int) -> list[str]:
+def finetune_config(out: Path, s: DemoSettings, arm: str, seed: int) -> Config:
     """Same steps, batch, seed and schedule for both arms; only the mixture differs (arm_shares)."""
-    shares = arm_shares(s, arm)
-    ov = base_overrides(out) + [
-        f"model.args.pretrained={out / 'pretrain/final'}", f"train.max_steps={s.reca_steps}", f"train.batch_size={s.reca_batch}",
-        f"train.seed={1000 + seed}", f"optim.lr={s.reca_lr}", f"optim.warmup_steps={max(1, s.reca_steps // 20)}",
-        f"optim.schedule={s.reca_schedule}", f"train.save_every={s.reca_steps}", "train.sample_every=0",
-    ] + [f"objectives.{k}.share={v}" for k, v in shares.items()]
+    cfg = derive(with_pretrained(base_config(out), out / "pretrain/final"),
+                 train={"max_steps": s.reca_steps, "batch_size": s.reca_batch, "seed": finetune_seed(seed),
+                        "save_every": s.reca_steps, "sample_every": 0},
+                 optim={"lr": float(s.reca_lr), "warmup_steps": max(1, s.reca_steps // 20), "schedule": s.reca_schedule})
+    cfg = with_shares(cfg, arm_shares(s, arm))
     if s.lora:
-        ov += ["lora.enabled=true", "lora.rank=16", "lora.alpha=32", "train.trainable=[]"]
-    return ov
+        cfg = derive(cfg, lora={"enabled": True, "rank": 16, "alpha": 32}, train={"trainable": []})
+    validate(cfg)
+    return cfg
 
 
 # ------------------------------------------------------------------------------ evaluation
 
 
-def load_model(out: Path, checkpoint: Path, lora: bool):
-    from reca.build import build, load_checkpoint
-    from reca.config import load_config
-
+def eval_config(out: Path, checkpoint: Path, lora: bool) -> tuple[Config, Path | None]:
+    """(config, checkpoint) for ``reca.build.load_trained``: a LoRA result is loaded onto the
+    pretrained model; a full model (``save_pretrained`` folder) is the config's starting point."""
     if lora and (checkpoint / "adapter_config.json").is_file():
-        cfg = load_config(ROOT / "configs/demo.yaml", base_overrides(out) + [f"model.args.pretrained={out / 'pretrain/final'}"])
-        adapter, encoder = build(cfg)
-        adapter = load_checkpoint(adapter, checkpoint)
-    else:
-        cfg = load_config(ROOT / "configs/demo.yaml", base_overrides(out) + [f"model.args.pretrained={checkpoint}"])
-        adapter, encoder = build(cfg)
-    return adapter.eval(), encoder
+        return with_pretrained(base_config(out), out / "pretrain/final"), checkpoint
+    return with_pretrained(base_config(out), checkpoint), None
 
 
 def eval_prompts():
@@ -214,8 +244,9 @@ def evaluate(out: Path, name: str, checkpoint: Path, s: DemoSettings, scorer: Wo
     """Generation (through eval.runner + eval.report), understanding and reconstruction."""
     from eval.report import score_run
     from eval.runner import describe_model, generate
+    from reca.build import load_trained
 
-    adapter, encoder = load_model(out, checkpoint, s.lora)
+    adapter, encoder = load_trained(*eval_config(out, checkpoint, s.lora))
     run_dir = out / "eval" / name
     generate(adapter, eval_prompts(), run_dir, n_images=s.samples, seed=EVAL_SAMPLE_SEED, guidance_scale=s.guidance,
              num_steps=s.sample_steps, batch_size=64, model_info=describe_model(adapter, checkpoint))
@@ -230,9 +261,7 @@ def evaluate(out: Path, name: str, checkpoint: Path, s: DemoSettings, scorer: Wo
     und = {}
     captions = [dense_caption(sh, c) for sh, c in pairs("all")]
     for tag in ("rare", "canonical"):
-        items = [(sh, c, seed) for k, (sh, c) in enumerate(pairs(tag)) for seed in SEEDS["eval_renders"][k * s.renders:(k + 1) * s.renders]]
-        if tag == "canonical":
-            items = [(sh, c, seed + 50_000) for sh, c, seed in items]
+        items = [(sh, c, seed) for k, (sh, c) in enumerate(pairs(tag)) for seed in understanding_seeds(tag, k, s.renders)]
         with torch.no_grad():
             sem = encoder.encode([render(sh, c, seed).image for sh, c, seed in items])
             # understanding: which of the 36 dense captions does the model find most likely?
@@ -261,10 +290,11 @@ def _recon_condition(sem: torch.Tensor):
 def probe(out: Path, name: str, checkpoint: Path, s: DemoSettings) -> dict:
     """The entropy probe on one checkpoint: all 36 pairs as text prompts and as captioned renders."""
     from eval.probe import analyse, collect_traces, save_json
+    from reca.build import load_trained
 
-    adapter, encoder = load_model(out, checkpoint, s.lora)
+    adapter, encoder = load_trained(*eval_config(out, checkpoint, s.lora))
     items = pairs("all")
-    renders = [render(sh, c, seed).image for (sh, c), seed in zip(items, SEEDS["eval_renders"][-len(items):])]
+    renders = [render(sh, c, seed).image for (sh, c), seed in zip(items, probe_seeds(len(items)))]
     with torch.no_grad():
         encoding, response = collect_traces(adapter, encoder, [dense_caption(sh, c) for sh, c in items], renders,
                                             [dense_caption(sh, c) for sh, c in items])
@@ -274,22 +304,6 @@ def probe(out: Path, name: str, checkpoint: Path, s: DemoSettings) -> dict:
 
 
 # ------------------------------------------------------------------------------ report
-
-
-def wilson(k: int, n: int) -> tuple[float, float]:
-    from eval.report import wilson_interval
-
-    return wilson_interval(k, n)
-
-
-def across_seeds(values: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval over training seeds."""
-    m = float(np.mean(values))
-    if len(values) < 2:
-        return m, m, m
-    t95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(values), 2.0)
-    half = t95 * float(np.std(values, ddof=1)) / math.sqrt(len(values))
-    return m, max(0.0, m - half), min(1.0, m + half)
 
 
 METRICS = [
@@ -311,8 +325,8 @@ def summarise(results: dict[str, list[dict]]) -> dict:
         for label, (a, b, c) in METRICS:
             ks = [r[a][b][c] for r in runs]
             ns = [r[a][b]["n"] for r in runs]
-            lo, hi = wilson(sum(ks), sum(ns))
-            mean, slo, shi = across_seeds([k / n for k, n in zip(ks, ns)])
+            lo, hi = wilson_interval(sum(ks), sum(ns))
+            mean, slo, shi = t_interval([k / n for k, n in zip(ks, ns)])
             table[arm][label] = {"pooled": sum(ks) / sum(ns), "wilson95": [lo, hi], "seed_mean": mean, "seed_t95": [slo, shi],
                                  "per_seed": [k / n for k, n in zip(ks, ns)], "n": sum(ns)}
     return table
@@ -342,7 +356,7 @@ def markdown(table: dict, settings: DemoSettings, timings: dict) -> str:
 
 def picture(out: Path, arms: dict[str, str], path: Path, per_cell: int = 4) -> None:
     """Rows: rare prompts; column groups: before | RecA | control (seed 0), ``per_cell`` samples each."""
-    from eval.runner import sample_path
+    from eval.runner import sample_path, save_png
 
     prompts = [p for p in eval_prompts() if p.tag == "rare"]
     cell, pad, label_w, head = 32, 2, 120, 18
@@ -358,10 +372,7 @@ def picture(out: Path, arms: dict[str, str], path: Path, per_cell: int = 4) -> N
             for k in range(per_cell):
                 with Image.open(sample_path(out / "eval" / run, p.index, k)) as im:
                     canvas.paste(im.convert("RGB"), (label_w + j * (per_cell * (cell + pad) + 8) + k * (cell + pad), y))
-    canvas = canvas.resize((canvas.width * 3, canvas.height * 3), Image.NEAREST)
-    tmp = path.with_name(f".tmp-{path.name}")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    save_png(path, canvas.resize((canvas.width * 3, canvas.height * 3), Image.NEAREST))
 
 
 # ------------------------------------------------------------------------------ main
@@ -384,18 +395,14 @@ def run(out: Path, settings: DemoSettings) -> dict:
     timings["data"] = data["seconds"]
     tok = cached(st / "tokenizer.json", lambda: {"path": str(save_word_tokenizer(world_vocabulary(), out / "cache/tokenizer"))})
     timings["tokenizer"] = tok["seconds"]
-    pre = cached(st / "pretrain.json", lambda: train(out / "pretrain", base_overrides(out) + [
-        f"train.max_steps={settings.pretrain_steps}", f"train.batch_size={settings.pretrain_batch}",
-        *[f"objectives.{k}.share={v}" for k, v in settings.pretrain_shares.items()],
-        f"optim.warmup_steps={min(100, settings.pretrain_steps // 10)}",
-        f"train.save_every={settings.pretrain_steps}", "train.sample_every=0"]))
+    pre = cached(st / "pretrain.json", lambda: train(out / "pretrain", pretrain_config(out, settings)))
     timings["pretrain"] = pre["seconds"]
     results: dict[str, list[dict]] = {"before": [cached(st / "eval-before.json", lambda: evaluate(out, "before", out / "pretrain/final", settings, scorer))]}
     for arm in ("reca", "control"):
         results[arm] = []
         for seed in settings.seeds:
             name = f"{arm}-seed{seed}"
-            tr = cached(st / f"train-{name}.json", lambda: train(out / name, finetune_overrides(out, settings, arm, seed)))
+            tr = cached(st / f"train-{name}.json", lambda: train(out / name, finetune_config(out, settings, arm, seed)))
             timings[f"train {name}"] = tr["seconds"]
             results[arm].append(cached(st / f"eval-{name}.json", lambda: evaluate(out, name, out / name / "final", settings, scorer)))
     probes = {}
@@ -411,9 +418,9 @@ def run(out: Path, settings: DemoSettings) -> dict:
     table = summarise(results)
     report = {"settings": asdict(settings), "scorer_accuracy": t["accuracy"], "encoder_zero_shot": enc["zero_shot_36way"],
               "guardrails": data["audit"], "table": table, "timings": timings}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "report.json", report, sort_keys=False)
     md = markdown(table, settings, timings) + "\n### Entropy probe (seed 0 checkpoints; probe.png)\n\n" + probe_compare(probe_results)
-    (out / "report.md").write_text(md)
+    atomic_write_text(out / "report.md", md)
     picture(out, {"before": "before", "RecA (seed 0)": f"reca-seed{settings.seeds[0]}", "control (seed 0)": f"control-seed{settings.seeds[0]}"},
             out / "rare_pairs.png", per_cell=min(4, settings.samples))
     print(md)
@@ -421,9 +428,11 @@ def run(out: Path, settings: DemoSettings) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--quick", action="store_true", help="the reduced run of the test suite (minutes → seconds; numbers meaningless)")
+    p.add_argument("--quick", action="store_true",
+                   help="the reduced run of the test suite (minutes → seconds; numbers meaningless)")
     p.add_argument("--lora", action="store_true", help="RecA and control with LoRA instead of full fine-tuning")
     a = p.parse_args(argv)
     settings = DemoSettings.quick() if a.quick else DemoSettings()

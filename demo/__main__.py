@@ -1,0 +1,6 @@
+"""``python -m demo [--out runs/demo] [--quick] [--lora]``: the demo end to end (:mod:`demo.run`)."""
+
+from demo.run import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
