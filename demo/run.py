@@ -213,7 +213,8 @@ def finetune_config(out: Path, s: DemoSettings, arm: str, seed: int) -> Config:
     cfg = derive(with_pretrained(base_config(out), out / "pretrain/final"),
                  train={"max_steps": s.reca_steps, "batch_size": s.reca_batch, "seed": finetune_seed(seed),
                         "save_every": s.reca_steps, "sample_every": 0},
-                 optim={"lr": float(s.reca_lr), "warmup_steps": max(1, s.reca_steps // 20), "schedule": s.reca_schedule})
+                 optim={"lr": float(s.reca_lr), "warmup_steps": max(1, s.reca_steps // 20),
+                        "schedule": s.reca_schedule})
     cfg = with_shares(cfg, arm_shares(s, arm))
     if s.lora:
         cfg = derive(cfg, lora={"enabled": True, "rank": 16, "alpha": 32}, train={"trainable": []})
@@ -236,8 +237,8 @@ def eval_prompts():
     from eval.prompts import Prompt
 
     items = [("rare", s, c) for s, c in pairs("rare")] + [("canonical", s, c) for s, c in pairs("canonical")]
-    return [Prompt(index=i, prompt=f"a {c} {s}", tag=tag, include=[{"class": s, "count": 1, "color": c}], exclude=[], extra={})
-            for i, (tag, s, c) in enumerate(items)]
+    return [Prompt(index=i, prompt=f"a {c} {s}", tag=tag, include=[{"class": s, "count": 1, "color": c}], exclude=[],
+                   extra={}) for i, (tag, s, c) in enumerate(items)]
 
 
 def evaluate(out: Path, name: str, checkpoint: Path, s: DemoSettings, scorer: WorldScorer) -> dict:
@@ -255,29 +256,34 @@ def evaluate(out: Path, name: str, checkpoint: Path, s: DemoSettings, scorer: Wo
     gen = {}
     for tag in ("rare", "canonical"):
         tagged = [r for r in rows if r["tag"] == tag]
-        gen[tag] = {"n": len(tagged), "colour": sum(r["colour_ok"] for r in tagged), "shape": sum(r["shape_ok"] for r in tagged),
-                    "both": sum(r["correct"] for r in tagged),
+        gen[tag] = {"n": len(tagged), "colour": sum(r["colour_ok"] for r in tagged),
+                    "shape": sum(r["shape_ok"] for r in tagged), "both": sum(r["correct"] for r in tagged),
                     "drawn_canonical_colour": sum(r["colour"] == CANONICAL[r["prompt"].split()[-1]] for r in tagged)}
     und = {}
     captions = [dense_caption(sh, c) for sh, c in pairs("all")]
     for tag in ("rare", "canonical"):
-        items = [(sh, c, seed) for k, (sh, c) in enumerate(pairs(tag)) for seed in understanding_seeds(tag, k, s.renders)]
+        items = [(sh, c, seed) for k, (sh, c) in enumerate(pairs(tag))
+                 for seed in understanding_seeds(tag, k, s.renders)]
         with torch.no_grad():
             sem = encoder.encode([render(sh, c, seed).image for sh, c, seed in items])
             # understanding: which of the 36 dense captions does the model find most likely?
             correct, k = 0, 8  # k images × 36 captions per forward pass
             for i in range(0, len(items), k):
                 chunk = sem[i:i + k]
-                logp = adapter.answer_logprob(chunk.repeat_interleave(len(captions), 0), [I2T_PROMPT] * (len(chunk) * len(captions)),
+                logp = adapter.answer_logprob(chunk.repeat_interleave(len(captions), 0),
+                                              [I2T_PROMPT] * (len(chunk) * len(captions)),
                                               captions * len(chunk)).view(len(chunk), len(captions))
-                correct += sum(captions[int(j)] == dense_caption(sh, c) for j, (sh, c, _) in zip(logp.argmax(1), items[i:i + k]))
+                correct += sum(captions[int(j)] == dense_caption(sh, c)
+                               for j, (sh, c, _) in zip(logp.argmax(1), items[i:i + k]))
         und[tag] = {"n": len(items), "correct": int(correct)}
         if tag == "rare":  # the report reads reconstruction of rare pairs only
             rare_items, rare_sem = items, sem
     with torch.no_grad():
-        recons = adapter.generate(_recon_condition(rare_sem), seeds=[seed for *_, seed in rare_items], guidance_scale=s.guidance, num_steps=s.sample_steps)
+        recons = adapter.generate(_recon_condition(rare_sem), seeds=[seed for *_, seed in rare_items],
+                                  guidance_scale=s.guidance, num_steps=s.sample_steps)
     judged = scorer.judge(recons, [sh for sh, _, _ in rare_items], [c for _, c, _ in rare_items])
-    rec = {"rare": {"n": len(rare_items), "both": sum(j["correct"] for j in judged), "colour": sum(j["colour_ok"] for j in judged)}}
+    rec = {"rare": {"n": len(rare_items), "both": sum(j["correct"] for j in judged),
+                    "colour": sum(j["colour_ok"] for j in judged)}}
     return {"generation": gen, "understanding": und, "reconstruction": rec}
 
 
@@ -327,8 +333,8 @@ def summarise(results: dict[str, list[dict]]) -> dict:
             ns = [r[a][b]["n"] for r in runs]
             lo, hi = wilson_interval(sum(ks), sum(ns))
             mean, slo, shi = t_interval([k / n for k, n in zip(ks, ns)])
-            table[arm][label] = {"pooled": sum(ks) / sum(ns), "wilson95": [lo, hi], "seed_mean": mean, "seed_t95": [slo, shi],
-                                 "per_seed": [k / n for k, n in zip(ks, ns)], "n": sum(ns)}
+            table[arm][label] = {"pooled": sum(ks) / sum(ns), "wilson95": [lo, hi], "seed_mean": mean,
+                                 "seed_t95": [slo, shi], "per_seed": [k / n for k, n in zip(ks, ns)], "n": sum(ns)}
     return table
 
 
@@ -348,10 +354,12 @@ def markdown(table: dict, settings: DemoSettings, timings: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     note = (f"\nCell: pooled accuracy [Wilson 95% over all samples]; for RecA and control also the 95% t-interval over "
             f"their {len(settings.seeds)} fine-tuning seeds (seeds [lo, hi]). Before = the pretrained model; "
-            f"{settings.samples} generated images per prompt and {settings.renders} real renders per pair (understanding, reconstruction), "
+            f"{settings.samples} generated images per prompt and {settings.renders} real renders per pair "
+            f"(understanding, reconstruction), "
             f"6 prompts per group, per seed; RecA / control: {settings.reca_steps} steps each. "
             f"Per-seed values are in report.json.\n")
-    return "\n".join(lines) + "\n" + note + "\nStage timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()) + "\n"
+    stages = ", ".join(f"{k} {v}" for k, v in timings.items())
+    return "\n".join(lines) + "\n" + note + "\nStage timings (s): " + stages + "\n"
 
 
 def picture(out: Path, arms: dict[str, str], path: Path, per_cell: int = 4) -> None:
@@ -388,27 +396,33 @@ def run(out: Path, settings: DemoSettings) -> dict:
     t = cached(st / "scorer.json", lambda: {"accuracy": WorldScorer.load_or_train(out / "cache/scorer.pt").accuracy})
     timings["scorer"] = t["seconds"]
     scorer = WorldScorer.load_or_train(out / "cache/scorer.pt")
-    enc = cached(st / "encoder.json", lambda: {"zero_shot_36way": demo_encoder.pretrain(out / "cache/encoder.pt", steps=settings.encoder_steps)})
+    enc = cached(st / "encoder.json", lambda: {
+        "zero_shot_36way": demo_encoder.pretrain(out / "cache/encoder.pt", steps=settings.encoder_steps)})
     timings["encoder"] = enc["seconds"]
     sizes = {"t2i": settings.n_t2i, "i2t": settings.n_i2t, "recon": settings.n_recon}
-    data = cached(st / "data.json", lambda: {k: write_pool(out / "data" / k, k, n) for k, n in sizes.items()} | {"audit": audit_data(out / "data")})
+    data = cached(st / "data.json", lambda: {k: write_pool(out / "data" / k, k, n) for k, n in sizes.items()}
+                  | {"audit": audit_data(out / "data")})
     timings["data"] = data["seconds"]
-    tok = cached(st / "tokenizer.json", lambda: {"path": str(save_word_tokenizer(world_vocabulary(), out / "cache/tokenizer"))})
+    tok = cached(st / "tokenizer.json",
+                 lambda: {"path": str(save_word_tokenizer(world_vocabulary(), out / "cache/tokenizer"))})
     timings["tokenizer"] = tok["seconds"]
     pre = cached(st / "pretrain.json", lambda: train(out / "pretrain", pretrain_config(out, settings)))
     timings["pretrain"] = pre["seconds"]
-    results: dict[str, list[dict]] = {"before": [cached(st / "eval-before.json", lambda: evaluate(out, "before", out / "pretrain/final", settings, scorer))]}
+    before = cached(st / "eval-before.json", lambda: evaluate(out, "before", out / "pretrain/final", settings, scorer))
+    results: dict[str, list[dict]] = {"before": [before]}
     for arm in ("reca", "control"):
         results[arm] = []
         for seed in settings.seeds:
             name = f"{arm}-seed{seed}"
             tr = cached(st / f"train-{name}.json", lambda: train(out / name, finetune_config(out, settings, arm, seed)))
             timings[f"train {name}"] = tr["seconds"]
-            results[arm].append(cached(st / f"eval-{name}.json", lambda: evaluate(out, name, out / name / "final", settings, scorer)))
+            results[arm].append(cached(st / f"eval-{name}.json",
+                                       lambda: evaluate(out, name, out / name / "final", settings, scorer)))
     probes = {}
+    seed0 = settings.seeds[0]
     for label, name, ckpt in (("before", "before", out / "pretrain/final"),
-                              ("RecA", f"reca-seed{settings.seeds[0]}", out / f"reca-seed{settings.seeds[0]}/final"),
-                              ("control", f"control-seed{settings.seeds[0]}", out / f"control-seed{settings.seeds[0]}/final")):
+                              ("RecA", f"reca-seed{seed0}", out / f"reca-seed{seed0}/final"),
+                              ("control", f"control-seed{seed0}", out / f"control-seed{seed0}/final")):
         probes[label] = cached(st / f"probe-{name}.json", lambda: probe(out, name, ckpt, settings))["json"]
     from eval.probe import compare as probe_compare
     from eval.probe import load_json, plot as probe_plot
@@ -416,12 +430,14 @@ def run(out: Path, settings: DemoSettings) -> dict:
     probe_results = {k: load_json(v) for k, v in probes.items()}
     probe_plot(probe_results, out / "probe.png")
     table = summarise(results)
-    report = {"settings": asdict(settings), "scorer_accuracy": t["accuracy"], "encoder_zero_shot": enc["zero_shot_36way"],
-              "guardrails": data["audit"], "table": table, "timings": timings}
+    report = {"settings": asdict(settings), "scorer_accuracy": t["accuracy"],
+              "encoder_zero_shot": enc["zero_shot_36way"], "guardrails": data["audit"], "table": table,
+              "timings": timings}
     atomic_write_json(out / "report.json", report, sort_keys=False)
-    md = markdown(table, settings, timings) + "\n### Entropy probe (seed 0 checkpoints; probe.png)\n\n" + probe_compare(probe_results)
+    md = (markdown(table, settings, timings) + "\n### Entropy probe (seed 0 checkpoints; probe.png)\n\n"
+          + probe_compare(probe_results))
     atomic_write_text(out / "report.md", md)
-    picture(out, {"before": "before", "RecA (seed 0)": f"reca-seed{settings.seeds[0]}", "control (seed 0)": f"control-seed{settings.seeds[0]}"},
+    picture(out, {"before": "before", "RecA (seed 0)": f"reca-seed{seed0}", "control (seed 0)": f"control-seed{seed0}"},
             out / "rare_pairs.png", per_cell=min(4, settings.samples))
     print(md)
     return report

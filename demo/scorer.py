@@ -117,7 +117,8 @@ class WorldScorer:
         rows = []
         for im, ps, s, c in zip(images, predicted, shapes, colours):
             pc = palette_colour(im) or "none"  # an empty image has no colour
-            rows.append({"shape": ps, "colour": pc, "shape_ok": ps == s, "colour_ok": pc == c, "correct": ps == s and pc == c})
+            rows.append({"shape": ps, "colour": pc, "shape_ok": ps == s, "colour_ok": pc == c,
+                         "correct": ps == s and pc == c})
         return rows
 
     def score(self, image: Image.Image, prompt) -> dict:

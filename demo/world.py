@@ -27,10 +27,12 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "purple": (0.62, 0.20, 0.85),
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
-CANONICAL: dict[str, str] = {"circle": "red", "square": "blue", "triangle": "green", "star": "yellow", "cross": "purple", "ring": "orange"}
+CANONICAL: dict[str, str] = {"circle": "red", "square": "blue", "triangle": "green", "star": "yellow",
+                             "cross": "purple", "ring": "orange"}
 MAX_TILT = 0.2  # radians (about 11 degrees) of tilt for shapes without rotational symmetry
 # Evaluated rare pairs: one counter-canonical colour per shape (each colour used once).
-RARE: dict[str, str] = {"circle": "blue", "square": "yellow", "triangle": "purple", "star": "red", "cross": "orange", "ring": "green"}
+RARE: dict[str, str] = {"circle": "blue", "square": "yellow", "triangle": "purple", "star": "red", "cross": "orange",
+                        "ring": "green"}
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ def render(shape: str, colour: str, seed: int, size: int = SIZE) -> Render:
     rgb = np.clip(np.array(COLOURS[colour]) + rng.uniform(-0.05, 0.05, size=3), 0, 1)
     img[mask] = rgb
     img = np.clip(img + rng.normal(0, 0.02, size=img.shape), 0, 1)
-    return Render(Image.fromarray((img * 255).round().astype(np.uint8)), shape, colour, (float(cx), float(cy)), float(r), mask)
+    image = Image.fromarray((img * 255).round().astype(np.uint8))
+    return Render(image, shape, colour, (float(cx), float(cy)), float(r), mask)
 
 
 def dense_caption(shape: str, colour: str) -> str:

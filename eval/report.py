@@ -4,7 +4,7 @@ generation gap.
 * :func:`score_run` scores every image of a run (``<run>/scores/<scorer>/scores.jsonl``, one row per
   image) and aggregates (``results.json`` + ``results.md``).
 * Accuracy per category (= prompt tag, always labelled by name) is correct images / images;
-  overall is the unweighted mean over categories, as GenEval reports it. Intervals: a percentile
+  overall is the unweighted mean over categories, as GenEval reports it. Intervals (:mod:`eval.stats`): a percentile
   bootstrap over *prompts* (seeded; the images of one prompt are not independent, so prompts are
   the unit) and a Wilson interval over images per category (exact enough, but it treats images as
   independent — read it as a lower bound on the uncertainty).
@@ -408,7 +408,8 @@ def understanding_gap(labels_path: str | Path, vqa: VQAScorer, generation: Mappi
         if cat in by_cat:
             ok = np.array(by_cat[cat], dtype=float)
             k, n = int(ok.sum()), len(ok)
-            entry.update(understanding=k / n, understanding_ci95=percentile_interval(resampled_accuracy(ok, np.ones_like(ok), idx[cat])),
+            boot = resampled_accuracy(ok, np.ones_like(ok), idx[cat])
+            entry.update(understanding=k / n, understanding_ci95=percentile_interval(boot),
                          understanding_wilson95=wilson_interval(k, n), n_labelled=n)
         if cat in gen["categories"]:
             g = gen["categories"][cat]

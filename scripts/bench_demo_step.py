@@ -59,7 +59,8 @@ def main() -> None:
             times[tok, arm] = statistics.median(steps[5:])  # the first steps warm up allocators
     print("\nmedian s/step (2 threads)     byte    word   word/byte")
     for arm in ARMS:
-        print(f"  {arm:<26} {times['byte', arm]:6.3f}  {times['word', arm]:6.3f}   {times['word', arm] / times['byte', arm]:.2f}")
+        byte, word = times["byte", arm], times["word", arm]
+        print(f"  {arm:<26} {byte:6.3f}  {word:6.3f}   {word / byte:.2f}")
 
 
 if __name__ == "__main__":

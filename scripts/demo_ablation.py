@@ -31,7 +31,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="fine-tuning steps (default: the demo's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the demo's)")
-    p.add_argument("--shares", type=parse_shares, help="RecA's mixture, e.g. recon=0.5,t2i=0,i2t=0.5 (default: the demo's)")
+    p.add_argument("--shares", type=parse_shares,
+                   help="RecA's mixture, e.g. recon=0.5,t2i=0,i2t=0.5 (default: the demo's)")
     a = p.parse_args()
     if not (a.out / "pretrain/final").is_dir():
         raise SystemExit(f"{a.out}: run `make demo` first (needs {a.out}/pretrain/final)")
@@ -47,11 +48,12 @@ def main() -> None:
                     lambda: demo.train(a.out / name, demo.finetune_config(a.out, settings, arm, a.seed)))
         result = demo.cached(a.out / "stages" / f"eval-{name}.json",
                              lambda: demo.evaluate(a.out, name, a.out / name / "final", settings, scorer))
-        g, r = result["generation"], result["reconstruction"]["rare"]
-        print(f"{name}: rare right colour {g['rare']['colour']}/{g['rare']['n']}, rare colour+shape {g['rare']['both']}/{g['rare']['n']}, "
+        g, r, u = result["generation"], result["reconstruction"]["rare"], result["understanding"]["rare"]
+        print(f"{name}: rare right colour {g['rare']['colour']}/{g['rare']['n']}, "
+              f"rare colour+shape {g['rare']['both']}/{g['rare']['n']}, "
               f"rare drawn canonical {g['rare']['drawn_canonical_colour']}/{g['rare']['n']}, "
               f"canonical colour+shape {g['canonical']['both']}/{g['canonical']['n']}, "
-              f"understanding rare {result['understanding']['rare']['correct']}/{result['understanding']['rare']['n']}, "
+              f"understanding rare {u['correct']}/{u['n']}, "
               f"reconstruction rare {r['both']}/{r['n']}")
         print(json.dumps(result))
 
