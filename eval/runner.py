@@ -8,8 +8,8 @@ Layout (what GenEval's own scorer reads, plus a manifest)::
     <out>/00042/grid.png                the samples side by side (for eyes, never scored)
 
 Every file is written atomically (``reca.io``: temporary file in the same folder, then
-``os.replace``), so a killed run leaves complete files or none; a re-run only draws the images that are missing or
-unreadable. Image ``i`` of prompt ``p`` always gets seed :func:`image_seed` ``(seed, p, i)`` and
+``os.replace``), so a killed run leaves complete files or none; a re-run only draws the images that
+are missing or unreadable. Image ``i`` of prompt ``p`` always gets seed :func:`image_seed` ``(seed, p, i)`` and
 adapters draw each image from its own seed alone, so any subset, batch size or resume order
 reproduces the same pixels.
 """
