@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from reca.adapter import Condition, UMMAdapter
 from reca.config import help_lines, load_config
 
@@ -26,7 +26,7 @@ EXAMPLES = DOCS / "examples"
 CONFIG_DOC = DOCS / "config.md"
 # Generated blocks: "<!-- BEGIN generated: config -->" is the root config (`python train.py
 # --help-config`); "<!-- BEGIN generated: package.module:Adapter -->" is that adapter's model.args.
-BLOCK = re.compile(r"(<!-- BEGIN generated: (\S+) -->\n)(.*?)(<!-- END generated -->)", re.S)
+BLOCK = re.compile(r"(<!-- BEGIN generated: (\S+) -->\n)(.*?)(<!-- END generated -->)", re.DOTALL)
 MAX_README_LINES = 260
 
 
@@ -60,7 +60,7 @@ def test_adapter_example_trains_through_reca(tmp_path: Path, toy_data: Path, mon
     """docs/examples/my_umm.py, configured by docs/examples/my_umm.yaml, trains through reca."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
     sys.modules.pop("my_umm", None)
-    import reca.trainer as trainer
+    from reca import trainer
 
     built = {}
     real_build = trainer.build
@@ -94,7 +94,7 @@ def test_readme_shows_the_example_file() -> None:
     text = README.read_text()
     assert "docs/examples/my_umm.py" in text
     source = {line.strip() for line in (EXAMPLES / "my_umm.py").read_text().splitlines()}
-    excerpts = re.findall(r"```python\n(.*?)```", text, re.S)
+    excerpts = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
     assert excerpts, "the README shows no Python excerpt"
     for excerpt in excerpts:
         for line in excerpt.splitlines():
@@ -114,7 +114,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
 def prose(text: str) -> str:
     """The text outside fenced code blocks and inline code spans."""
-    text = re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.S | re.M)
+    text = re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.DOTALL | re.MULTILINE)
     return re.sub(r"`[^`\n]*`", "", text)
 
 

@@ -8,8 +8,9 @@ yourself on the toy data (from the repository root):
 """
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 from PIL import Image
