@@ -1,5 +1,5 @@
 # Each target creates or refreshes the local virtual environment first (idempotent: it reinstalls
-# only when pyproject.toml changed). torch is pinned in pyproject.toml (DESIGN.md §6).
+# only when pyproject.toml changed). torch is pinned in pyproject.toml.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.reca-installed

@@ -2,7 +2,10 @@
 
 An adapter is a ``torch.nn.Module`` that also satisfies :class:`UMMAdapter`. reca never subclasses
 or registers adapters: a YAML config names the class by import path (``model.adapter:
-my_pkg.my_umm:MyAdapter``) and its typed settings under ``model.args``.
+my_pkg.my_umm:MyAdapter``) and its typed settings under ``model.args``. Optional abilities are
+Protocols of their own below (:class:`HasOwnEncoder`, :class:`Traceable`, :class:`AttachesEncoder`,
+:class:`GradientCheckpointing`, :class:`Compilable`, :class:`BottleneckByDesign`); reca checks an
+adapter against these Protocols themselves (:func:`missing_members`), never against a second list.
 
 Conventions shared by every adapter:
 
@@ -14,9 +17,10 @@ Conventions shared by every adapter:
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
+from typing import Any, ClassVar, Protocol, Sequence, get_type_hints, runtime_checkable
 
 import torch
 from PIL import Image
@@ -114,3 +118,48 @@ class Traceable(Protocol):
         response], and the prompt length. Response = the answer's tokens when ``answers`` is given
         (text generation), else the positions that carry the generated image."""
         ...
+
+
+@runtime_checkable
+class AttachesEncoder(Protocol):
+    """Optional: adapters that use the frozen encoder themselves (e.g. its text tower for text
+    prompts); reca hands it over after building."""
+
+    def attach_encoder(self, encoder: Any) -> None: ...
+
+
+@runtime_checkable
+class GradientCheckpointing(Protocol):
+    """Optional: ``train.gradient_checkpointing`` — recompute activations in backward."""
+
+    def enable_gradient_checkpointing(self) -> None: ...
+
+
+@runtime_checkable
+class Compilable(Protocol):
+    """Optional: ``train.compile`` — ``torch.compile`` the adapter's heavy modules."""
+
+    def compile_modules(self) -> None: ...
+
+
+@runtime_checkable
+class BottleneckByDesign(Protocol):
+    """Optional: adapters whose condition and target never share a representation (SigLIP in, VQ
+    tokens out) say why, and the trainer prints it instead of its copy-collapse warning."""
+
+    bottleneck_by_design: str
+
+
+def protocol_members(protocol: type, *, of_instances: bool = True) -> list[str]:
+    """The attributes and methods a Protocol declares, in declaration order. With
+    ``of_instances=False``, only what a *class* must already have: instance attributes such as
+    ``resolution`` (annotated without ``ClassVar``) are set in ``__init__`` and are left out."""
+    hints = get_type_hints(protocol, include_extras=True)
+    names = [n for n, tp in hints.items() if of_instances or typing.get_origin(tp) is ClassVar]
+    names += [n for n, v in vars(protocol).items() if isinstance(v, classmethod) or callable(v)]
+    return [n for n in dict.fromkeys(names) if not n.startswith("_")]
+
+
+def missing_members(obj: Any, protocol: type) -> list[str]:
+    """Members of ``protocol`` that ``obj`` lacks; ``obj`` is an adapter class or an instance."""
+    return [m for m in protocol_members(protocol, of_instances=not isinstance(obj, type)) if not hasattr(obj, m)]

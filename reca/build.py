@@ -12,11 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from reca.adapter import UMMAdapter
+from reca.adapter import AttachesEncoder, UMMAdapter, missing_members
 from reca.config import Config, ConfigError, from_dict
 from reca.encoders import FrozenEncoder, build_encoder
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def import_adapter(path: str) -> type:
@@ -25,10 +23,22 @@ def import_adapter(path: str) -> type:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"model.adapter: cannot import '{path}' ({e}); expected 'package.module:Class'") from None
-    missing = [m for m in ("Config", "from_config", "generation_loss", "understanding_loss", "generate", "save_pretrained") if not hasattr(cls, m)]
-    if missing:
+    if missing := missing_members(cls, UMMAdapter):
         raise ConfigError(f"model.adapter: {path} does not implement reca.adapter.UMMAdapter (missing {', '.join(missing)})")
     return cls
+
+
+def _instantiate(cls: type, args: Any, where: str) -> UMMAdapter:
+    """``cls.from_config(args)``, checked against the Protocol once more: instance attributes such
+    as ``resolution`` exist only now."""
+    try:
+        adapter = cls.from_config(args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if missing := missing_members(adapter, UMMAdapter):
+        raise ConfigError(f"{where}: {cls.__module__}:{cls.__name__} does not implement reca.adapter.UMMAdapter "
+                          f"(its instances lack {', '.join(missing)})")
+    return adapter
 
 
 def adapter_args(cfg: Config, cls: type, encoder: FrozenEncoder | None) -> Any:
@@ -42,15 +52,12 @@ def build(cfg: Config) -> tuple[UMMAdapter, FrozenEncoder]:
     """The adapter and its frozen semantic encoder (built first unless it is the UMM's own)."""
     cls = import_adapter(cfg.model.adapter)
     encoder = None if cfg.encoder.kind == "umm" else build_encoder(cfg.encoder)
-    try:
-        adapter = cls.from_config(adapter_args(cfg, cls, encoder))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    adapter = _instantiate(cls, adapter_args(cfg, cls, encoder), "model.adapter")
     if encoder is None:
         encoder = build_encoder(cfg.encoder, adapter)
-    if hasattr(adapter, "attach_encoder"):
+    if isinstance(adapter, AttachesEncoder):
         adapter.attach_encoder(encoder)
-    adapter.to(DTYPES[cfg.model.dtype])
+    adapter.to(getattr(torch, cfg.model.dtype))
     return adapter, encoder
 
 
@@ -95,8 +102,8 @@ def load_checkpoint(adapter: nn.Module, path: str | Path, encoder: FrozenEncoder
         args = saved["args"]
         if "pretrained" in {f.name for f in dataclasses.fields(cls.Config)}:
             args = {**args, "pretrained": str(path)}  # the convention: a save_pretrained folder is loaded by this key
-        rebuilt = cls.from_config(from_dict(cls.Config, args, f"{path}/reca_adapter.json: args"))
-        if encoder is not None and hasattr(rebuilt, "attach_encoder"):
+        rebuilt = _instantiate(cls, from_dict(cls.Config, args, f"{path}/reca_adapter.json: args"), f"{path}/reca_adapter.json")
+        if encoder is not None and isinstance(rebuilt, AttachesEncoder):
             rebuilt.attach_encoder(encoder)
         return rebuilt.to(next(adapter.parameters()).dtype)
     if (path / "adapter" / "adapter_config.json").is_file():

@@ -10,15 +10,19 @@ so a crash never leaves a half-written shard; shards are memory-mapped on read.
 from __future__ import annotations
 
 import hashlib
-import os
+import typing
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from reca.build import DTYPES
+from reca.config import TrainConfig
 from reca.encoders import FrozenEncoder
+from reca.io import atomic_write_bytes
+
+
+STORAGE_DTYPES = typing.get_args(typing.get_type_hints(TrainConfig)["cache_dtype"])
 
 
 def content_key(x: torch.Tensor) -> str:
@@ -28,13 +32,13 @@ def content_key(x: torch.Tensor) -> str:
 
 class EmbeddingCache:
     def __init__(self, root: str | Path, encoder_identity: str, dtype: str = "float32", rank: int = 0, flush_every: int = 256):
-        if dtype not in DTYPES:
-            raise ValueError(f"train.cache_dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"train.cache_dtype: '{dtype}' is not one of {', '.join(STORAGE_DTYPES)}")
         tag = hashlib.sha1(f"{encoder_identity}|{dtype}".encode()).hexdigest()[:16]
         self.dir = Path(root) / tag
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "identity.txt").write_text(f"{encoder_identity}\n{dtype}\n")
-        self.dtype, self.rank, self.flush_every = DTYPES[dtype], rank, flush_every
+        self.dtype, self.rank, self.flush_every = getattr(torch, dtype), rank, flush_every
         self.index: dict[str, Path] = {}
         self.handles: dict[Path, object] = {}  # open, memory-mapped shards
         self.pending: dict[str, torch.Tensor] = {}
@@ -69,9 +73,7 @@ class EmbeddingCache:
             return
         n = len(list(self.dir.glob(f"shard-r{self.rank}-*.safetensors")))
         final = self.dir / f"shard-r{self.rank}-{n:06d}.safetensors"
-        tmp = self.dir / f".tmp-{final.name}"
-        save_file(self.pending, str(tmp))
-        os.replace(tmp, final)
+        atomic_write_bytes(final, save(self.pending))
         for key in self.pending:
             self.index[key] = final
         self.pending = {}

@@ -4,12 +4,13 @@ then one atomic rename. Keep-last-K, ``--resume latest|PATH``, the resolved conf
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from reca.io import fresh_temp_dir, replace_dir
 
 PREFIX = "checkpoint-"
 
@@ -50,10 +51,10 @@ def resolve_resume(root: Path, resume: str | None) -> Path | None:
 
 def save(accelerator, root: Path, step: int, config: dict, export=None) -> Path:
     """Every process calls this (accelerate saves per-process RNG states); the main one renames."""
-    tmp, final = root / f".tmp-{PREFIX}{step}", root / f"{PREFIX}{step}"
+    final = root / f"{PREFIX}{step}"
+    tmp = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        fresh_temp_dir(final)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
@@ -61,10 +62,7 @@ def save(accelerator, root: Path, step: int, config: dict, export=None) -> Path:
             export(tmp / "adapter")
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final, fsync=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -72,16 +70,3 @@ def save(accelerator, root: Path, step: int, config: dict, export=None) -> Path:
 def prune(root: Path, keep: int) -> None:
     for old in checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -19,8 +19,6 @@ from typing import Any, Literal
 
 import yaml
 
-from reca.data import DataSource
-
 
 class ConfigError(ValueError):
     """A bad configuration; the message is one line naming the key and how to fix it."""
@@ -31,6 +29,42 @@ def _f(default: Any, help: str) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------- the objectives table
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What one objective of the mixture is; the config validation and the training loop read this
+    table, so a new objective is one row here (plus its section in :class:`ObjectivesConfig`)."""
+
+    condition: Literal["semantic", "text"]  # what the generation / understanding is conditioned on
+    loss: Literal["generation", "understanding"]  # which adapter loss it trains
+    needs_captions: bool
+    views: tuple[str, ...]  # "target" = pixels at the generation resolution, "enc" = the encoder's input
+
+
+OBJECTIVES: dict[str, Objective] = {
+    # reconstruction: both views — that the two resolutions differ is RecA's bottleneck (paper §3.3)
+    "recon": Objective(condition="semantic", loss="generation", needs_captions=False, views=("target", "enc")),
+    "t2i": Objective(condition="text", loss="generation", needs_captions=True, views=("target",)),
+    "i2t": Objective(condition="semantic", loss="understanding", needs_captions=True, views=("enc",)),
+}
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataSource:
+    path: str = _f("", "folder of images, a .jsonl/.csv manifest (columns: image path, optional caption), "
+                   "or a dataset name/dir loadable offline by datasets.load_dataset")
+    split: str = _f("train", "dataset split (datasets and save_to_disk dicts)")
+    image_column: str = _f("image", "image column in manifests and datasets")
+    caption_column: str = _f("caption", "caption column; empty = none (reconstruction needs none)")
+    streaming: bool = _f(False, "stream instead of indexing (datasets IterableDataset), for sets too large to index")
+    min_side: int = _f(16, "images whose shorter side is below this are skipped as tiny")
 
 
 @dataclass
@@ -291,15 +325,16 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    active = {name: getattr(o, name) for name in ("recon", "t2i", "i2t") if getattr(o, name).share > 0}
+    active = active_objectives(o)
     if not active:
         raise ConfigError("objectives: every share is 0; give objectives.recon.share (or t2i/i2t) a value > 0")
-    for name, obj in [("recon", o.recon), ("t2i", o.t2i), ("i2t", o.i2t)]:
+    for name, spec in OBJECTIVES.items():
+        obj = getattr(o, name)
         if obj.share < 0:
             raise ConfigError(f"objectives.{name}.share: must be >= 0")
         if obj.share > 0 and not obj.data.path:
             raise ConfigError(f"objectives.{name}.data.path: objective {name} has share {obj.share} but no data; set a folder, manifest or dataset name")
-        if obj.share > 0 and name != "recon" and not obj.data.caption_column:
+        if obj.share > 0 and spec.needs_captions and not obj.data.caption_column:
             raise ConfigError(f"objectives.{name}.data.caption_column: {name} needs captions; name the caption column")
     sizes = split_batch(t.batch_size, {k: v.share for k, v in active.items()})
     for name, n in sizes.items():
@@ -307,9 +342,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"objectives.{name}.share: {active[name].share} of train.batch_size={t.batch_size} rounds to 0 samples; raise the batch size or the share")
 
 
+def active_objectives(o: ObjectivesConfig) -> dict[str, ObjectiveConfig]:
+    """The objectives with a share > 0, in table order."""
+    return {name: getattr(o, name) for name in OBJECTIVES if getattr(o, name).share > 0}
+
+
 def split_batch(batch_size: int, shares: dict[str, float]) -> dict[str, int]:
     """Per-step samples per objective: largest-remainder rounding of ``batch_size × share/Σshare``
-    (Harmon mixes recon : I2T : T2I = 2 : 2 : 0 inside each batch, DESIGN.md §1)."""
+    (the official RecA Harmon config mixes recon : I2T : T2I = 2 : 2 : 0 inside each batch)."""
     total = sum(shares.values())
     exact = {k: batch_size * s / total for k, s in shares.items()}
     sizes = {k: int(v) for k, v in exact.items()}

@@ -16,7 +16,6 @@ import io
 import itertools
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,22 +25,14 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from reca.config import DataSource
+
 log = logging.getLogger("reca.data")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SHUFFLE_BUFFER = 1000  # streaming shuffle window: datasets' default, enough to break file order
 STREAM_SKIP_LIMIT = 100_000  # unusable rows in a row before a stream of unknown size is called empty
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 GRAY_MODES = {"1", "L", "LA", "La", "I", "F"}  # plus every "I;16…" variant
-
-
-@dataclass
-class DataSource:
-    path: str = field(default="", metadata={"help": "folder of images, a .jsonl/.csv manifest (columns: image path, optional caption), or a dataset name/dir loadable offline by datasets.load_dataset"})
-    split: str = field(default="train", metadata={"help": "dataset split (datasets and save_to_disk dicts)"})
-    image_column: str = field(default="image", metadata={"help": "image column in manifests and datasets"})
-    caption_column: str = field(default="caption", metadata={"help": "caption column; empty = none (reconstruction needs none)"})
-    streaming: bool = field(default=False, metadata={"help": "stream instead of indexing (datasets IterableDataset), for sets too large to index"})
-    min_side: int = field(default=16, metadata={"help": "images whose shorter side is below this are skipped as tiny"})
 
 
 # ----------------------------------------------------------------------------------- opening

@@ -7,7 +7,7 @@ the trained module, so it can never reach the optimizer.
 
 ``encoder.input_size`` sets the encoder's input resolution apart from the generation resolution:
 feeding the lowest resolution the model accepts is the information bottleneck that stops the
-model from learning to copy its input (RecA paper, DESIGN.md §1).
+model from learning to copy its input (RecA paper, §3.3).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from reca.config import ConfigError, EncoderConfig
+from reca.images import square_crop
 
 
 @dataclass(frozen=True)
@@ -33,21 +34,6 @@ class Preprocess:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         x = torch.from_numpy(np.asarray(square_crop(image, self.size), dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
-
-
-def square_crop(image: Image.Image, size: int) -> Image.Image:
-    image = image.convert("RGB")
-    scale = size / min(image.size)
-    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    image = image.resize((w, h), Image.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-def target_pixels(image: Image.Image, size: int) -> torch.Tensor:
-    """Generation target: square crop at the generation resolution, in [-1, 1]."""
-    x = torch.from_numpy(np.asarray(square_crop(image, size), dtype=np.float32) / 127.5 - 1.0)
-    return x.permute(2, 0, 1)
 
 
 @dataclass
@@ -145,7 +131,7 @@ def _open_clip_joint(cfg: EncoderConfig, model, open_clip) -> FrozenEncoder:
     """Tokens in the contrastive space: the pooled image embedding, then the last layer's patch
     tokens through the model's own ln_post + projection; text prompts get the pooled text embedding
     of the same model. Pooled image and text embeddings are aligned by contrastive training, which
-    is what lets reconstruction learned from images transfer to text prompts (DESIGN.md §7.2)."""
+    is what lets reconstruction learned from images transfer to text prompts (in an early prototype of the demo, nothing transferred without it)."""
     visual = model.visual
     if getattr(visual, "proj", None) is None or not hasattr(visual, "ln_post"):
         raise ConfigError("encoder.space: 'joint' needs an open_clip ViT with ln_post and proj; use space=hidden")
@@ -229,5 +215,5 @@ def bottleneck_check(encoder: FrozenEncoder, resolution: int) -> str | None:
     """A warning when the encoder sees the image at generation resolution or above (copy risk)."""
     if encoder.input_size >= resolution:
         return (f"encoder input {encoder.input_size}px >= generation {resolution}px: no information bottleneck; "
-                "RecA may learn to copy (DESIGN.md §1) — lower encoder.input_size")
+                "RecA may learn to copy (paper §3.3) — lower encoder.input_size")
     return None

@@ -1,7 +1,7 @@
 """Rectified-flow (flow-matching) maths as pure functions, following diffusers' own Sana/SD3 training
 scripts: ``x_t = (1 − σ)·x + σ·ε``, the model predicts the velocity ``ε − x``, weighted MSE.
 
-Randomness is drawn per sample from its own seed, so a sample's noise and timestep do not depend on
+Randomness is drawn per sample from its own seed (:mod:`reca.seeds`), so a sample's noise and timestep do not depend on
 how the batch is split across processes or micro-batches (two-process DDP then reproduces the
 one-process run, and a resumed run reproduces the uninterrupted one).
 """
@@ -13,14 +13,7 @@ from typing import Sequence
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-
-def sample_generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed) % (2**63))
-
-
-def per_sample_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """One standard-normal tensor of ``shape`` per seed, stacked ``(B, *shape)`` (CPU, float32)."""
-    return torch.stack([torch.randn(shape, generator=sample_generator(s)) for s in seeds])
+from reca.seeds import generator
 
 
 def sample_sigmas(
@@ -35,7 +28,7 @@ def sample_sigmas(
     diffusers' scripts do (``compute_density_for_timestep_sampling`` then ``sigmas[indices]``)."""
     u = torch.cat([
         compute_density_for_timestep_sampling(weighting_scheme, 1, logit_mean, logit_std, mode_scale,
-                                              generator=sample_generator(s + 1))
+                                              generator=generator(s, "timestep"))
         for s in seeds
     ])
     n = len(scheduler_sigmas) - 1  # the table ends with the terminal 0, never a training σ
@@ -60,7 +53,7 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor
 
 def x0_loss(pred_x0: torch.Tensor, x0: torch.Tensor, sigmas: torch.Tensor, weighting_scheme: str = "logit_normal") -> torch.Tensor:
     """MSE of a clean-sample prediction. For small models it learns sharper shapes than velocity
-    prediction (DESIGN.md §7b: canonical colour+shape 46% → 91% in the demo world)."""
+    prediction (in an early prototype of the demo world: canonical colour+shape 46% → 91%)."""
     weight = compute_loss_weighting_for_sd3(weighting_scheme, sigmas).to(pred_x0).view(-1, *([1] * (pred_x0.ndim - 1)))
     return (weight * (pred_x0.float() - x0.float()) ** 2).flatten(1).mean(1).mean()
 

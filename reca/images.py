@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -14,6 +15,21 @@ def to_pil(pixels: torch.Tensor, channels_last: bool = False) -> list[Image.Imag
     x = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte()
     arr = (x if channels_last else x.permute(0, 2, 3, 1)).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
+
+
+def square_crop(image: Image.Image, size: int) -> Image.Image:
+    image = image.convert("RGB")
+    scale = size / min(image.size)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def target_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """Generation target: square crop at the generation resolution, in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(square_crop(image, size), dtype=np.float32) / 127.5 - 1.0)
+    return x.permute(2, 0, 1)
 
 
 def rows_grid(rows: Sequence[Sequence[Image.Image]], pad: int = 2) -> Image.Image:

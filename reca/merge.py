@@ -8,13 +8,11 @@ The result loads like any full model: ``model.args.pretrained=merged/`` for the 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-from pathlib import Path
 
 from reca.build import build
 from reca.config import ConfigError, load_config
+from reca.io import atomic_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,12 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # written beside the destination and renamed: never a half-written model at --out
-    tmp = Path(a.out).with_name(f".tmp-{Path(a.out).name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    shutil.rmtree(a.out, ignore_errors=True)
-    os.replace(tmp, a.out)
+    with atomic_dir(a.out) as tmp:  # never a half-written model at --out
+        merged.save_pretrained(tmp)
     print(f"merged model written to {a.out}")
     return 0
 

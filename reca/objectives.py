@@ -1,5 +1,7 @@
 """The RecA objective mixture: reconstruction from frozen semantic tokens, plus optional text-to-image
-and image-to-text, each with its share of the batch and its loss coefficient.
+and image-to-text, each with its share of the batch and its loss coefficient. What each objective
+*is* (its condition, its loss, the views of an image it needs) is one row of
+:data:`reca.config.OBJECTIVES`; this module turns a row into a loss.
 
 :class:`RecATask` wraps the adapter in one ``nn.Module`` whose ``forward`` computes every loss, so
 accelerate prepares a single module (DeepSpeed cannot prepare several) and DDP's gradient hooks
@@ -8,7 +10,6 @@ fire through ``forward``.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,30 +18,30 @@ from PIL import Image
 from torch import nn
 
 from reca.adapter import Condition
-from reca.config import ObjectivesConfig
-from reca.encoders import Preprocess, target_pixels
+from reca.config import OBJECTIVES, ObjectivesConfig
+from reca.encoders import Preprocess
+from reca.images import target_pixels
 from reca.instructions import draw_instruction
-
-OBJECTIVES = ("recon", "t2i", "i2t")
-
-
-def sequence_nll(logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy from per-token log-probs ``(B, T)`` and a mask: token mean per sample, then mean
-    over samples. Unlike one token mean over the batch, it does not depend on how a batch is split
-    across processes or micro-batches (two-process DDP reproduces one process)."""
-    return (-(logp * valid).sum(1) / valid.sum(1)).mean()
+from reca.seeds import python_rng
 
 
-def sample_seed(base: int, objective: str, step: int, index: int) -> int:
-    """Seed of one sample's randomness, a pure function of where it sits in the global stream
-    (``index`` is its position in the step's global batch), not of which process draws it."""
-    h = (base * 1_000_003 + OBJECTIVES.index(objective)) * 1_000_003 + step
-    return (h * 1_000_003 + index) % (2**62)
+@dataclass
+class Batch:
+    """One objective's micro-batch, as the loss sees it."""
+
+    seeds: list[int]  # per-sample seeds (reca.seeds.sample_seed): all of a sample's randomness
+    target: torch.Tensor | None = None  # pixels at the generation resolution, [-1, 1]
+    semantic: torch.Tensor | None = None  # the frozen encoder's tokens (B, N, D)
+    captions: list[str] | None = None
+
+    def to(self, device: torch.device) -> "Batch":
+        move = lambda x: x.to(device) if x is not None else None  # noqa: E731
+        return Batch(self.seeds, move(self.target), move(self.semantic), self.captions)
 
 
 @dataclass(frozen=True)
 class Transform:
-    """Per image: the generation target and/or the encoder input (picklable for loader workers)."""
+    """Per image: the views its objective needs (picklable for loader workers)."""
 
     resolution: int
     encoder: Preprocess | None
@@ -56,14 +57,13 @@ class Transform:
 
 
 def transform_for(objective: str, resolution: int, encoder: Preprocess) -> Transform:
-    # recon needs both views (that the two resolutions differ is the bottleneck), t2i only the
-    # target, i2t only what the encoder sees.
-    return Transform(resolution, None if objective == "t2i" else encoder, objective != "i2t")
+    views = OBJECTIVES[objective].views
+    return Transform(resolution, encoder if "enc" in views else None, "target" in views)
 
 
 def instructions_for(seeds: Sequence[int], cfg: ObjectivesConfig) -> list[str]:
     r = cfg.recon
-    return [draw_instruction(random.Random(s), r.instructions, r.fixed_instruction, r.instruction_dropout) for s in seeds]
+    return [draw_instruction(python_rng(s), r.instructions, r.fixed_instruction, r.instruction_dropout) for s in seeds]
 
 
 class RecATask(nn.Module):
@@ -74,17 +74,18 @@ class RecATask(nn.Module):
         self.umm = umm
         self.cfg = cfg
 
-    def forward(self, batches: dict[str, dict]) -> dict[str, torch.Tensor]:
+    def condition(self, name: str, b: Batch) -> Condition:
+        if OBJECTIVES[name].condition == "text":
+            return Condition(texts=list(b.captions or []))
+        return Condition(semantic=b.semantic, instructions=instructions_for(b.seeds, self.cfg))
+
+    def forward(self, batches: dict[str, Batch]) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
-        if "recon" in batches:
-            b = batches["recon"]
-            cond = Condition(semantic=b["semantic"], instructions=instructions_for(b["seeds"], self.cfg))
-            losses["recon"] = self.umm.generation_loss(b["target"], cond, b["seeds"])
-        if "t2i" in batches:
-            b = batches["t2i"]
-            losses["t2i"] = self.umm.generation_loss(b["target"], Condition(texts=list(b["caption"])), b["seeds"])
-        if "i2t" in batches:
-            b = batches["i2t"]
-            losses["i2t"] = self.umm.understanding_loss(b["semantic"], [self.cfg.i2t_prompt] * len(b["caption"]), list(b["caption"]))
+        for name, b in batches.items():
+            if OBJECTIVES[name].loss == "generation":
+                losses[name] = self.umm.generation_loss(b.target, self.condition(name, b), b.seeds)
+            else:  # understanding: caption the image after the fixed question
+                captions = list(b.captions or [])
+                losses[name] = self.umm.understanding_loss(b.semantic, [self.cfg.i2t_prompt] * len(captions), captions)
         losses["loss"] = sum(getattr(self.cfg, k).weight * v for k, v in losses.items())
         return losses

@@ -1,34 +1,158 @@
-"""The RecA training loop on accelerate, called directly (no Trainer subclass)."""
+"""The RecA training loop on accelerate, called directly (no Trainer subclass).
+
+:func:`setup` builds everything a run needs (accelerator, model, freezing or LoRA, optimizer,
+resume state, data streams); :func:`fit` is the loop and reads top to bottom.
+"""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import math
 import os
-import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
-from PIL import Image
 from tqdm.auto import tqdm
 
 from reca import checkpoint as ckpt
-from reca.adapter import Condition
-from reca.cache import EmbeddingCache
+from reca.adapter import BottleneckByDesign, Compilable, GradientCheckpointing
 from reca.build import apply_lora, build, trainable_parameters
-from reca.config import Config, ConfigError, split_batch
+from reca.cache import EmbeddingCache
+from reca.config import OBJECTIVES, Config, ConfigError, active_objectives, split_batch
 from reca.data import batches, open_source
-from reca.encoders import bottleneck_check
-from reca.objectives import OBJECTIVES, RecATask, sample_seed, transform_for
+from reca.encoders import FrozenEncoder, bottleneck_check
+from reca.io import atomic_dir, atomic_write_text
+from reca.objectives import Batch, RecATask, transform_for
+from reca.samples import write_samples
+from reca.seeds import data_seed, sample_seed
 
 log = logging.getLogger("reca")
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once by :func:`setup`."""
+
+    cfg: Config
+    accelerator: Accelerator
+    task: torch.nn.Module  # RecATask around the adapter (PEFT-wrapped under LoRA), prepared
+    encoder: FrozenEncoder
+    cache: EmbeddingCache | None
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[torch.nn.Parameter]
+    state: ckpt.TrainState
+    streams: dict[str, Iterator[dict]]
+    out: Path
+
+    @property
+    def umm(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.task).umm
+
+
+def fit(cfg: Config, resume: str | None = None) -> dict:
+    """Train; returns the last logged metrics."""
+    r = setup(cfg, resume)
+    t, acc, state = cfg.train, r.accelerator, r.state
+    bar = tqdm(total=t.max_steps, initial=state.step, disable=not acc.is_main_process, desc="reca", dynamic_ncols=True)
+    metrics: dict = {}
+    while state.step < t.max_steps:
+        started, timings = time.perf_counter(), {"time/data": 0.0, "time/encode": 0.0}
+        sums: dict[str, torch.Tensor] = {}
+        bad = False
+        for micro in range(t.grad_accum):
+            micro_batches = {name: next_batch(r, name, micro, timings) for name in r.streams}
+            with acc.accumulate(r.task):
+                losses = r.task(micro_batches)
+                # all ranks must agree on skipping, or DDP's all-reduce would hang or diverge
+                finite = bool(acc.gather(torch.isfinite(losses["loss"].detach())[None]).all())
+                if finite:
+                    acc.backward(losses["loss"])  # divided by grad_accum inside accelerate
+                bad |= not finite
+                if acc.sync_gradients:  # the last micro-batch: gradients are all-reduced now
+                    if not bad:
+                        if cfg.optim.max_grad_norm > 0:
+                            acc.clip_grad_norm_(r.params, cfg.optim.max_grad_norm)
+                        r.optimizer.step()
+                    r.optimizer.zero_grad(set_to_none=True)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
+        r.lr_scheduler.step()  # a skipped update still advances the schedule: steps stay aligned
+        state.step += 1
+        count_nonfinite(state, bad, t.max_nonfinite)
+        metrics = {k: acc.reduce(v, "mean").item() for k, v in sums.items()}
+        metrics |= step_info(r, time.perf_counter() - started, timings)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in r.streams or k == "loss"})
+        last = state.step == t.max_steps
+        if acc.is_main_process and (state.step % t.log_every == 0 or last):
+            with open(r.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            acc.log(metrics, step=state.step)
+        if state.step % t.save_every == 0 or last:
+            exporter = lora_exporter(acc, r.task) if cfg.lora.enabled else None
+            ckpt.save(acc, r.out / "checkpoints", state.step, asdict(cfg), exporter)
+            if acc.is_main_process:
+                ckpt.prune(r.out / "checkpoints", t.keep_last)
+        if acc.is_main_process and ((t.sample_every and state.step % t.sample_every == 0) or last):
+            path = r.out / "samples" / f"step-{state.step:07d}.png"
+            write_samples(r.umm, micro_batches.get("recon"), cfg, path, acc)
+        acc.wait_for_everyone()
+    bar.close()
+    finish(r)
+    return metrics
+
+
+# --------------------------------------------------------------------------- one step's pieces
+
+
+def next_batch(r: Run, name: str, micro: int, timings: dict[str, float]) -> Batch:
+    """The next micro-batch of one objective, its per-sample seeds, and its frozen-encoder tokens."""
+    t, state, acc = r.cfg.train, r.state, r.accelerator
+    t0 = time.perf_counter()
+    raw = next(r.streams[name])
+    timings["time/data"] += time.perf_counter() - t0
+    for kind in ("skipped", "converted"):
+        for reason, count in raw.get(kind, {}).items():
+            state.data_counts[f"{kind}/{reason}"] = state.data_counts.get(f"{kind}/{reason}", 0) + count
+    n = len(raw["target"] if "target" in raw else raw["enc"])
+    # sample j of this rank sits at rank + world·j of the global batch (data shards interleave
+    # ranks), so its noise is the same under any process count
+    rank, world = acc.process_index, acc.num_processes
+    seeds = [sample_seed(t.seed, name, state.step * t.grad_accum + micro, rank + world * j) for j in range(n)]
+    semantic = None
+    if "enc" in raw:  # frozen encoder, outside the trained module: no grad, no optimiser
+        t0 = time.perf_counter()
+        semantic = r.cache.encode(raw["enc"], r.encoder) if r.cache else r.encoder(raw["enc"])
+        timings["time/encode"] += time.perf_counter() - t0
+    return Batch(seeds, raw.get("target"), semantic, raw.get("caption")).to(acc.device)
+
+
+def count_nonfinite(state: ckpt.TrainState, bad: bool, limit: int) -> None:
+    if not bad:
+        state.nonfinite_in_a_row = 0
+        return
+    state.nonfinite_in_a_row += 1
+    log.warning(f"step {state.step}: non-finite loss, update skipped ({state.nonfinite_in_a_row} in a row)")
+    if state.nonfinite_in_a_row >= limit:
+        raise RuntimeError(f"{state.nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite={limit}); "
+                           "lower optim.lr or check the data")
+
+
+def step_info(r: Run, seconds: float, timings: dict[str, float]) -> dict:
+    info = {"lr": r.lr_scheduler.get_last_lr()[0], "step": r.state.step, "time/step": seconds, **timings}
+    if r.cache:
+        info |= {"cache/hits": r.cache.hits, "cache/misses": r.cache.misses}
+    return info | {f"data/{k}": v for k, v in r.state.data_counts.items()}
+
+
+# --------------------------------------------------------------------------- setup and the end
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -37,6 +161,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if cfg.log.wandb:
         try:
             import wandb  # noqa: F401
+
             log_with = "wandb"
             if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online":
                 os.environ["WANDB_MODE"] = "offline"
@@ -44,7 +169,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         except ImportError:
             print("wandb: not installed — log.wandb ignored; losses still go to log.jsonl")
     # cpu=True when CUDA is absent: without it, `accelerate launch --multi_gpu` on a CPU machine
-    # starts processes that each believe they are alone (DESIGN.md §2).
+    # starts processes that each believe they are alone (measured with accelerate 1.15).
     return Accelerator(
         cpu=t.cpu or not torch.cuda.is_available(),
         mixed_precision=t.mixed_precision,
@@ -55,30 +180,25 @@ def make_accelerator(cfg: Config) -> Accelerator:
     )
 
 
-def fit(cfg: Config, resume: str | None = None) -> dict:
-    """Train; returns the last logged metrics."""
+def setup(cfg: Config, resume: str | None = None) -> Run:
+    """Accelerator, model (frozen parts, LoRA), optimizer and schedule, resume state, data streams."""
     t = cfg.train
     out = Path(t.output_dir)
-    accelerator = make_accelerator(cfg)
-    main = accelerator.is_main_process
+    acc = make_accelerator(cfg)
     resolved = asdict(cfg)
-    print(f"rank {accelerator.process_index}: processes: {accelerator.num_processes} ({accelerator.distributed_type.value}) on {accelerator.device}")
-    if main:
+    print(f"rank {acc.process_index}: processes: {acc.num_processes} ({acc.distributed_type.value}) on {acc.device}")
+    if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         print(json.dumps(resolved, indent=2))
     set_seed(t.seed)
 
     adapter, encoder = build(cfg)
-    encoder.to("cpu" if t.offload_encoder else accelerator.device)
-    cache = EmbeddingCache(t.embedding_cache, encoder.identity, t.cache_dtype, accelerator.process_index) if t.embedding_cache else None
-    for flag, method in (("gradient_checkpointing", "enable_gradient_checkpointing"), ("compile", "compile_modules")):
-        if getattr(t, flag):
-            if not hasattr(adapter, method):
-                raise ConfigError(f"train.{flag}: {type(adapter).__name__} has no {method}(); set it to false")
-            getattr(adapter, method)()
+    encoder.to("cpu" if t.offload_encoder else acc.device)
+    cache = EmbeddingCache(t.embedding_cache, encoder.identity, t.cache_dtype, acc.process_index) if t.embedding_cache else None
+    enable_options(adapter, cfg)
     if warning := bottleneck_check(encoder, adapter.resolution):
-        if reason := getattr(adapter, "bottleneck_by_design", ""):  # e.g. SigLIP in, VQ tokens out (Janus)
-            print(f"no encoder.input_size bottleneck needed: {reason}")
+        if isinstance(adapter, BottleneckByDesign):
+            print(f"no encoder.input_size bottleneck needed: {adapter.bottleneck_by_design}")
         else:
             log.warning(warning)
     if cfg.lora.enabled:
@@ -95,106 +215,54 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
     # Not prepared by accelerate on purpose: prepared schedulers step once per process.
     lr_scheduler = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=t.max_steps)
     state = ckpt.TrainState()
-    task, optimizer = accelerator.prepare(task, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler, state)
+    task, optimizer = acc.prepare(task, optimizer)
+    acc.register_for_checkpointing(lr_scheduler, state)
 
-    root = out / "checkpoints"
-    if resume_from := ckpt.resolve_resume(root, resume):
-        accelerator.load_state(str(resume_from))
+    if resume_from := ckpt.resolve_resume(out / "checkpoints", resume):
+        acc.load_state(str(resume_from))
         print(f"resumed from {resume_from} at step {state.step}")
-    if main:
-        _truncate_log(out / "log.jsonl", state.step)
+    if acc.is_main_process:
+        truncate_log(out / "log.jsonl", state.step)
+    streams = open_streams(cfg, adapter.resolution, encoder, state.step, acc.process_index, acc.num_processes)
+    if cfg.log.wandb and acc.log_with:
+        acc.init_trackers(cfg.log.project, config=resolved, init_kwargs={"wandb": {"name": cfg.log.run_name or None, "dir": str(out)}})
+    return Run(cfg, acc, task, encoder, cache, optimizer, lr_scheduler, params, state, streams, out)
 
-    o = cfg.objectives
-    sizes = split_batch(t.batch_size, {k: getattr(o, k).share for k in OBJECTIVES if getattr(o, k).share > 0})
-    rank, world = accelerator.process_index, accelerator.num_processes
+
+def enable_options(adapter, cfg: Config) -> None:
+    """``train.gradient_checkpointing`` / ``train.compile``, through the adapter's optional hooks."""
+    for flag, protocol, method in (("gradient_checkpointing", GradientCheckpointing, "enable_gradient_checkpointing"),
+                                   ("compile", Compilable, "compile_modules")):
+        if getattr(cfg.train, flag):
+            if not isinstance(adapter, protocol):
+                raise ConfigError(f"train.{flag}: {type(adapter).__name__} has no {method}(); set it to false")
+            getattr(adapter, method)()
+
+
+def open_streams(cfg: Config, resolution: int, encoder: FrozenEncoder, step: int, rank: int, world: int) -> dict[str, Iterator[dict]]:
+    """One endless batch stream per active objective, positioned at ``step`` (exact resume)."""
+    t = cfg.train
+    active = active_objectives(cfg.objectives)
+    sizes = split_batch(t.batch_size, {k: v.share for k, v in active.items()})
     streams = {}
     for name, n in sizes.items():
-        src = getattr(o, name).data
-        ds = open_source(src, need_captions=name != "recon", key=f"objectives.{name}.data")
-        streams[name] = batches(ds, batch_size=n, transform=transform_for(name, adapter.resolution, encoder.preprocess),
-                                caption_column=None if name == "recon" else src.caption_column, seed=t.seed + 7919 * OBJECTIVES.index(name),
-                                rank=rank, world_size=world, start_batch=state.step * t.grad_accum, num_workers=t.num_workers,
+        src = active[name].data
+        captions = OBJECTIVES[name].needs_captions
+        ds = open_source(src, need_captions=captions, key=f"objectives.{name}.data")
+        streams[name] = batches(ds, batch_size=n, transform=transform_for(name, resolution, encoder.preprocess),
+                                caption_column=src.caption_column if captions else None, seed=data_seed(t.seed, name),
+                                rank=rank, world_size=world, start_batch=step * t.grad_accum, num_workers=t.num_workers,
                                 image_column=src.image_column, min_side=src.min_side)
+    return streams
 
-    if cfg.log.wandb and accelerator.log_with:
-        accelerator.init_trackers(cfg.log.project, config=resolved, init_kwargs={"wandb": {"name": cfg.log.run_name or None, "dir": str(out)}})
-    bar = tqdm(total=t.max_steps, initial=state.step, disable=not main, desc="reca", dynamic_ncols=True)
-    metrics: dict = {}
-    while state.step < t.max_steps:
-        step = state.step
-        started, waited, encoding = time.perf_counter(), 0.0, 0.0
-        sums: dict[str, torch.Tensor] = {}
-        bad = False
-        for micro in range(t.grad_accum):
-            micro_batches = {}
-            for name, stream in streams.items():
-                t0 = time.perf_counter()
-                b = next(stream)
-                waited += time.perf_counter() - t0
-                for kind in ("skipped", "converted"):
-                    for reason, count in b.get(kind, {}).items():
-                        state.data_counts[f"{kind}/{reason}"] = state.data_counts.get(f"{kind}/{reason}", 0) + count
-                n = len(next(iter(v for v in b.values() if isinstance(v, torch.Tensor))))
-                # sample j of this rank sits at rank + world·j of the global batch (data shards
-                # interleave ranks), so its noise is the same under any process count
-                b["seeds"] = [sample_seed(t.seed, name, step * t.grad_accum + micro, rank + world * j) for j in range(n)]
-                if "enc" in b:  # frozen encoder, outside the trained module: no grad, no optimiser
-                    t0 = time.perf_counter()
-                    b["semantic"] = cache.encode(b["enc"], encoder) if cache else encoder(b["enc"])
-                    encoding += time.perf_counter() - t0
-                micro_batches[name] = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-            with accelerator.accumulate(task):
-                losses = task(micro_batches)
-                # all ranks must agree on skipping, or DDP's all-reduce would hang or diverge
-                finite = bool(accelerator.gather(torch.isfinite(losses["loss"].detach())[None]).all())
-                if finite:
-                    accelerator.backward(losses["loss"])  # divided by grad_accum inside accelerate
-                else:
-                    bad = True
-                if accelerator.sync_gradients:  # the last micro-batch: gradients are all-reduced now
-                    if not bad:
-                        if cfg.optim.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
-        lr_scheduler.step()
-        state.step += 1
-        if bad:
-            state.nonfinite_in_a_row += 1
-            log.warning(f"step {state.step}: non-finite loss, update skipped ({state.nonfinite_in_a_row} in a row)")
-            if state.nonfinite_in_a_row >= t.max_nonfinite:
-                raise RuntimeError(f"{state.nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite={t.max_nonfinite}); "
-                                   "lower optim.lr or check the data")
-        else:
-            state.nonfinite_in_a_row = 0
-        metrics = {k: accelerator.reduce(v, "mean").item() for k, v in sums.items()}
-        if cache:
-            metrics |= {"cache/hits": cache.hits, "cache/misses": cache.misses}
-        metrics |= {"lr": lr_scheduler.get_last_lr()[0], "step": state.step, "time/step": time.perf_counter() - started, "time/data": waited, "time/encode": encoding} | {f"data/{k}": v for k, v in state.data_counts.items()}
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in sizes or k == "loss"})
-        if main and (state.step % t.log_every == 0 or state.step == t.max_steps):
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            accelerator.log(metrics, step=state.step)
-        if state.step % t.save_every == 0 or state.step == t.max_steps:
-            ckpt.save(accelerator, root, state.step, resolved, lora_exporter(accelerator, task) if cfg.lora.enabled else None)
-            if main:
-                ckpt.prune(root, t.keep_last)
-        if main and ((t.sample_every and state.step % t.sample_every == 0) or state.step == t.max_steps):
-            write_samples(accelerator.unwrap_model(task).umm, micro_batches.get("recon"), cfg, out / "samples" / f"step-{state.step:07d}.png", accelerator)
-        accelerator.wait_for_everyone()
-    bar.close()
-    if cache:
-        cache.flush()
-        print(f"embedding cache: {cache.hits} hits, {cache.misses} misses, {cache.disk_bytes() / 2**20:.1f} MiB in {cache.dir}")
-    if main:
-        export_final(accelerator.unwrap_model(task).umm, cfg, out / "final")
-    accelerator.end_training()
-    return metrics
+
+def finish(r: Run) -> None:
+    if r.cache:
+        r.cache.flush()
+        print(f"embedding cache: {r.cache.hits} hits, {r.cache.misses} misses, {r.cache.disk_bytes() / 2**20:.1f} MiB in {r.cache.dir}")
+    if r.accelerator.is_main_process:
+        export_final(r.umm, r.cfg, r.out / "final")
+    r.accelerator.end_training()
 
 
 def lora_exporter(accelerator: Accelerator, task):
@@ -205,64 +273,15 @@ def lora_exporter(accelerator: Accelerator, task):
     return lambda path: umm.save_pretrained(path, state_dict={k.removeprefix("umm."): v for k, v in state.items()})
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def truncate_log(path: Path, step: int) -> None:
     """On resume, forget log lines written after the checkpoint (they will be written again)."""
     if path.is_file():
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def export_final(umm, cfg: Config, path: Path) -> None:
     """LoRA → a PEFT adapter dir (PeftModel.from_pretrained loads it); full → save_pretrained."""
-    tmp = path.with_name(".tmp-" + path.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    umm.save_pretrained(tmp)
-    (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
-
-@torch.no_grad()
-def write_samples(umm, recon: dict | None, cfg: Config, path: Path, accelerator) -> None:
-    """A PNG grid: input | reconstruction for a few training images, then the fixed prompts."""
-    t = cfg.train
-    was_training = umm.training
-    umm.eval()
-    rows: list[list[Image.Image]] = []
-    with accelerator.autocast():
-        if recon is not None:
-            k = min(4, recon["target"].shape[0])
-            recons = umm.generate(Condition(semantic=recon["semantic"][:k], instructions=[cfg.objectives.recon.fixed_instruction] * k),
-                                  seeds=list(range(k)), guidance_scale=t.guidance_scale, num_steps=t.sample_steps)
-            inputs = [_to_pil(x) for x in recon["target"][:k]]
-            rows += [[a, b] for a, b in zip(inputs, recons)]
-        if t.sample_prompts:
-            rows.append(umm.generate(Condition(texts=list(t.sample_prompts)), seeds=list(range(len(t.sample_prompts))),
-                                     guidance_scale=t.guidance_scale, num_steps=t.sample_steps))
-    umm.train(was_training)
-    grid = image_grid(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    ckpt.atomic_write_bytes(path, buf.getvalue())
-    if accelerator.log_with:
-        try:
-            import wandb
-
-            accelerator.log({"samples": wandb.Image(grid)}, step=int(path.stem.split("-")[-1]))
-        except ImportError:
-            pass
-
-
-def _to_pil(x: torch.Tensor) -> Image.Image:
-    return Image.fromarray(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
-
-
-def image_grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:
-    size = max(im.width for row in rows for im in row)
-    cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (cols * (size + pad) + pad, len(rows) * (size + pad) + pad), (255, 255, 255))
-    for i, row in enumerate(rows):
-        for j, im in enumerate(row):
-            grid.paste(im.resize((size, size)), (pad + j * (size + pad), pad + i * (size + pad)))
-    return grid
+    with atomic_dir(path) as tmp:
+        umm.save_pretrained(tmp)
+        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))

@@ -23,7 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from reca.build import build, trainable_parameters
 from reca.config import load_config
-from reca.objectives import RecATask, sample_seed
+from reca.objectives import Batch, RecATask
+from reca.seeds import sample_seed
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
     def step(i: int) -> None:
         seeds = [sample_seed(0, "recon", i, j) for j in range(a.batch)]
         with autocast:
-            batch = {"recon": {"target": target, "semantic": encoder(enc_in), "seeds": seeds}}
+            batch = {"recon": Batch(seeds, target=target, semantic=encoder(enc_in))}
             loss = task(batch)["loss"]
         loss.backward()
         opt.step()

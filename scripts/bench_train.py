@@ -36,7 +36,8 @@ from reca.adapter import Condition  # noqa: E402
 from reca.build import build, trainable_parameters  # noqa: E402
 from reca.config import load_config  # noqa: E402
 from reca.data import batches, open_source  # noqa: E402
-from reca.objectives import instructions_for, sample_seed, transform_for  # noqa: E402
+from reca.objectives import instructions_for, transform_for  # noqa: E402
+from reca.seeds import sample_seed  # noqa: E402
 
 BENCH = [
     "model.args.transformer_config.num_layers=4", "model.args.transformer_config.num_attention_heads=4",

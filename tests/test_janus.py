@@ -40,7 +40,7 @@ def tiny():
 def batch(encoder, n=2):
     from PIL import Image
 
-    from reca.encoders import target_pixels
+    from reca.images import target_pixels
 
     ims = [Image.new("RGB", (32, 32), (200, 60 * i, 30 + 40 * i)) for i in range(n)]
     ims[-1].paste((20, 200, 90), (8, 8, 24, 24))

@@ -27,7 +27,7 @@ def tiny():
 def batch(encoder, n=2):
     from PIL import Image
 
-    from reca.encoders import target_pixels
+    from reca.images import target_pixels
 
     ims = [Image.new("RGB", (32, 32), (200, 40 * i, 30)) for i in range(n)]
     return torch.stack([target_pixels(im, 32) for im in ims]), encoder.encode(ims)

@@ -20,7 +20,7 @@ from reca.config import load_config
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 ONE = ACCELERATE + ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 # accelerate on a CPU machine: --multi_gpu plus Accelerator(cpu=True) inside gives real DDP over
-# gloo; `--cpu --num_processes 2` would start one process only (DESIGN.md §2).
+# gloo; `--cpu --num_processes 2` would start one process only (measured with accelerate 1.15).
 TWO = ACCELERATE + ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 

@@ -3,7 +3,7 @@ discrete VQ tokens.
 
 Janus decouples its two image pathways around one shared LLM (Llama): understanding sees SigLIP
 patch features through an MLP *aligner*; generation predicts the tokens of a frozen VQ tokenizer
-through a separate *generation head*, one token at a time. RecA (DESIGN.md §1) conditions the
+through a separate *generation head*, one token at a time. RecA (arXiv 2509.07295) conditions the
 generation pathway on the understanding pathway's view of the same image:
 
 * condition: the frozen SigLIP tokens of the image (``semantic_encoder()``, the last layer as
@@ -14,7 +14,8 @@ generation pathway on the understanding pathway's view of the same image:
   generation head on the image-token positions (transformers' ``forward`` only has the text loss,
   so it is assembled here by hand).
 
-SigLIP in, VQ out is already the information bottleneck RecA needs (DESIGN.md §1). Because the LLM
+SigLIP in, VQ out is already the information bottleneck RecA needs (paper §3.3: input and target
+never share one representation, so there is no copy path). Because the LLM
 is shared, mix in image-to-text data (``understanding_loss``) or understanding degrades.
 
 Sampling is reca's own loop rather than ``generate(generation_mode="image")``, which (transformers
@@ -42,16 +43,17 @@ from torch import nn
 
 from reca.adapter import Condition
 from reca.config import ConfigError
-from reca.flow import sample_generator
+from reca.images import to_pil
+from reca.models.common import IGNORE, answer_logprobs, left_pad, position_ids, right_pad, sequence_nll
 from reca.models.tokenizer import byte_tokenizer
-from reca.objectives import sequence_nll
+from reca.seeds import dropped, generator
 
 # Janus's special tokens (tokenizer_config of deepseek-community/Janus-Pro-*: image_token, boi_token, eoi_token)
 IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
 SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 # LoRA only inside the LLM: SigLIP has q_proj/k_proj/v_proj too, and a plain name list would put
-# adapters into the (frozen) vision tower (DESIGN.md §2). peft full-matches the regex on names.
+# adapters into the (frozen) vision tower. peft full-matches the regex on names.
 LM_LORA = (r"model\.model\.language_model\.layers\.\d+\."
            r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
 
@@ -99,7 +101,7 @@ class JanusAdapter(nn.Module):
     # added per flag in __init__. SigLIP and the VQ model are never trained.
     default_trainable: ClassVar[list[str]] = ["model.model.language_model", "model.lm_head"]
     #: why no encoder.input_size bottleneck is needed (a trainer may print it instead of its copy warning)
-    bottleneck_by_design: ClassVar[str] = "SigLIP features in, VQ tokens out: no copy path (DESIGN.md §1)"
+    bottleneck_by_design: ClassVar[str] = "SigLIP features in, VQ tokens out: no copy path"
 
     def __init__(self, cfg: JanusConfig, model: transformers.JanusForConditionalGeneration, tokenizer, processor=None,
                  source: str = "random"):
@@ -305,17 +307,6 @@ class JanusAdapter(nn.Module):
                 rows.append(self._embed(ids, None if cond.semantic is None else cond.semantic[i]))
         return rows
 
-    @staticmethod
-    def _left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left padding: every prompt ends at the same column, right before the image tokens."""
-        width = max(r.shape[0] for r in rows)
-        x = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=x.device)
-        for i, r in enumerate(rows):
-            x[i, width - r.shape[0]:] = r
-            mask[i, width - r.shape[0]:] = 1
-        return x, mask
-
     # ------------------------------------------------------------------ losses
 
     @torch.no_grad()
@@ -336,19 +327,16 @@ class JanusAdapter(nn.Module):
         position P-1+k predicts image token k."""
         drop = drop if drop is not None else [False] * len(cond)
         tokens = self.encode_image_tokens(images)
-        prompt, pmask = self._left_pad(self._prompt_rows(cond, drop))
+        prompt, pmask = left_pad(self._prompt_rows(cond, drop))
         image = self.model.prepare_embeddings_for_image_generation(tokens.to(prompt.device))
         embeds = torch.cat([prompt, image.to(prompt.dtype)], 1)
         mask = torch.cat([pmask, torch.ones(tokens.shape, dtype=pmask.dtype, device=pmask.device)], 1)
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
         p = prompt.shape[1]
         return self.model.model.generation_head(hidden[:, p - 1:-1]), tokens
 
     def generation_loss(self, images: torch.Tensor, cond: Condition, seeds: Sequence[int]) -> torch.Tensor:
-        # condition dropout from each sample's own seed (+2: the same stream offset the reference adapter uses)
-        drop = [torch.rand((), generator=sample_generator(s + 2)).item() < self.cfg.cond_dropout for s in seeds]
-        logits, tokens = self.image_logits(images, cond, drop)
+        logits, tokens = self.image_logits(images, cond, dropped(seeds, self.cfg.cond_dropout))
         ce = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten().to(logits.device), reduction="none")
         # per-sample token mean, then mean over samples (every sample has N tokens: one plain mean)
         return ce.view(tokens.shape).mean(1).mean()
@@ -359,28 +347,13 @@ class JanusAdapter(nn.Module):
             head = [self.bos_id] + self._encode(self.cfg.understanding_template.format(image=self._image_block(sem.shape[0]), prompt=self._clip(prompt)))
             ans = self._encode(" " + self._clip(answer)) + [self.eos_id]  # Janus SFT: "<|Assistant|>: answer<eos>"
             rows.append(self._embed(head + ans, sem))
-            labels.append([-100] * len(head) + ans)
-        width = max(r.shape[0] for r in rows)
-        x = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
-        target = torch.full((len(rows), width), -100, dtype=torch.long, device=x.device)
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=x.device)
-        for i, (r, lab) in enumerate(zip(rows, labels)):
-            x[i, : r.shape[0]], mask[i, : r.shape[0]] = r, 1
-            target[i, : len(lab)] = torch.tensor(lab, device=x.device)
-        return x, mask, target
+            labels.append(torch.tensor([IGNORE] * len(head) + ans))
+        return right_pad(rows, labels)
 
     def _answer_token_logprobs(self, semantic, prompts, answers) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, mask, labels = self._understanding_batch(semantic, prompts, answers)
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state
-        target = labels[:, 1:]
-        valid = target != -100
-        # the LM head only where an answer token is predicted: a 100k vocabulary over ~600 image
-        # positions per sample would cost gigabytes of logits for nothing
-        logits = self.model.lm_head(hidden[:, :-1][valid]).float()
-        logp = hidden.new_zeros(target.shape, dtype=torch.float32)
-        logp[valid] = torch.log_softmax(logits, -1).gather(-1, target[valid][:, None])[:, 0]
-        return logp, valid
+        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        return answer_logprobs(hidden, labels, self.model.lm_head)
 
     def understanding_loss(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
         return sequence_nll(*self._answer_token_logprobs(semantic, prompts, answers))
@@ -402,15 +375,15 @@ class JanusAdapter(nn.Module):
         rows = self._prompt_rows(cond, [False] * n)
         if use_cfg:
             rows += self._prompt_rows(cond, [True] * n)
-        x, mask = self._left_pad(rows)
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        x, mask = left_pad(rows)
+        positions = position_ids(mask)
         device = x.device
-        generators = [torch.Generator(device=device).manual_seed(int(s) % (2**63)) for s in seeds]
+        generators = [generator(s, "noise", device=device) for s in seeds]
         lm, head = self.model.model.language_model, self.model.model.generation_head
         tokens = torch.zeros(n, self.num_image_tokens, dtype=torch.long, device=device)
         cache = None
         for k in range(self.num_image_tokens):
-            out = lm(inputs_embeds=x, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
+            out = lm(inputs_embeds=x, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits = head(out.last_hidden_state[:, -1])
             if use_cfg:
@@ -421,7 +394,7 @@ class JanusAdapter(nn.Module):
             step = torch.cat([tokens[:, k], tokens[:, k]]) if use_cfg else tokens[:, k]
             x = self.model.prepare_embeddings_for_image_generation(step[:, None]).to(x.dtype)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            position_ids = position_ids[:, -1:] + 1
+            positions = positions[:, -1:] + 1
         return tokens
 
     @torch.no_grad()
@@ -429,8 +402,7 @@ class JanusAdapter(nn.Module):
         vq = self.model.model.vqmodel
         with torch.autocast(tokens.device.type, enabled=False):
             pixels = self.model.decode_image_tokens(tokens.to(next(vq.parameters()).device))  # (B, H, W, C) in [-1, 1]
-        arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
-        images = [Image.fromarray(a) for a in arr]
+        images = to_pil(pixels, channels_last=True)
         return [im if im.size == (self.resolution, self.resolution) else im.resize((self.resolution,) * 2, Image.BICUBIC) for im in images]
 
     def _sample_in_chunks(self, cond: Condition, seeds: Sequence[int], guidance_scale: float) -> list[torch.Tensor]:
@@ -470,7 +442,7 @@ class JanusAdapter(nn.Module):
             if cond.semantic is None:
                 raise ValueError("text responses are traced for image prompts (captioning): give Condition(semantic=...)")
             embeds, mask, labels = self._understanding_batch(cond.semantic, cond.instructions, answers)
-            seqs = [(embeds[i, : int(mask[i].sum())], int((labels[i] != -100).nonzero()[0])) for i in range(len(embeds))]
+            seqs = [(embeds[i, : int(mask[i].sum())], int((labels[i] != IGNORE).nonzero()[0])) for i in range(len(embeds))]
         lm = self.model.model.language_model
         out = []
         for seq, prompt_len in seqs:  # one sequence at a time: no padding inside the states

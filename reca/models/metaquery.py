@@ -27,10 +27,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from reca.adapter import Condition
-from reca.flow import (flow_matching_loss, guided, noisy_latents, per_sample_noise, sample_generator, sample_sigmas,
-                       velocity_from_x0, x0_loss)
+from reca.flow import flow_matching_loss, guided, noisy_latents, sample_sigmas, velocity_from_x0, x0_loss
+from reca.images import to_pil
+from reca.models.common import IGNORE, answer_logprobs, left_pad, position_ids, right_pad, sequence_nll
 from reca.models.tokenizer import byte_tokenizer
-from reca.objectives import sequence_nll
+from reca.seeds import dropped, per_sample_noise
 
 
 @dataclass
@@ -78,7 +79,8 @@ class MetaQueryAdapter(nn.Module):
     default_lora_targets: ClassVar[str] = (
         r"(lm\..*\.(q_proj|k_proj|v_proj|o_proj))|(transformer\..*\.(to_q|to_k|to_v))|(sem_proj\.(1|3))|(connector\.(0|2))"
     )
-    # OpenUni trains the connector and the DiT with the LMM frozen (DESIGN.md §1); the semantic
+    # OpenUni trains the connector and the DiT with the LMM frozen (official RecA repo, OpenUni/
+    # configs); the semantic
     # projector is trained too and kept honest by image-to-text mixing.
     default_trainable: ClassVar[list[str]] = ["sem_proj", "queries", "connector", "transformer"]
 
@@ -214,16 +216,12 @@ class MetaQueryAdapter(nn.Module):
 
     def _run_lm(self, pieces: list[torch.Tensor]) -> torch.Tensor:
         """Left-pads the pieces so every sequence ends with its own tokens; returns last hidden states."""
-        width = max(p.shape[0] for p in pieces)
-        dim = pieces[0].shape[-1]
-        embeds = pieces[0].new_zeros(len(pieces), width, dim)
-        mask = torch.zeros(len(pieces), width, dtype=torch.long, device=embeds.device)
-        for i, p in enumerate(pieces):
-            embeds[i, width - p.shape[0]:] = p
-            mask[i, width - p.shape[0]:] = 1
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        base = getattr(self.lm, self.lm.base_model_prefix)
-        return base(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        embeds, mask = left_pad(pieces)
+        return self._base()(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+
+    def _base(self) -> nn.Module:
+        """The LM without its head (hidden states only)."""
+        return getattr(self.lm, self.lm.base_model_prefix)
 
     def condition(self, cond: Condition, drop: Sequence[bool] | None = None) -> torch.Tensor:
         """The DiT's conditioning sequence ``(B, num_queries, caption_channels)``."""
@@ -249,8 +247,7 @@ class MetaQueryAdapter(nn.Module):
 
     def generation_loss(self, images: torch.Tensor, cond: Condition, seeds: Sequence[int]) -> torch.Tensor:
         x0 = self.encode_latents(images)
-        drop = [torch.rand((), generator=sample_generator(s + 2)).item() < self.cfg.cond_dropout for s in seeds]
-        enc = self.condition(cond, drop)
+        enc = self.condition(cond, dropped(seeds, self.cfg.cond_dropout))
         noise = per_sample_noise(seeds, tuple(x0.shape[1:])).to(x0)
         sigmas = sample_sigmas(seeds, self.train_sigmas, self.cfg.weighting_scheme, self.cfg.logit_mean, self.cfg.logit_std).to(x0.device)
         xt = noisy_latents(x0, noise, sigmas)
@@ -274,22 +271,13 @@ class MetaQueryAdapter(nn.Module):
             ans = self.tokenizer(answer, add_special_tokens=False, truncation=True, max_length=self.cfg.max_text_tokens).input_ids + [eos]
             ans_t = torch.tensor(ans, device=embed.weight.device)
             rows.append(torch.cat([head, embed(ans_t)]))
-            targets.append(torch.cat([torch.full((head.shape[0],), -100, device=ans_t.device), ans_t]))
-        width = max(r.shape[0] for r in rows)
-        embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
-        labels = torch.full((len(rows), width), -100, dtype=torch.long, device=embeds.device)
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=embeds.device)
-        for i, (r, t) in enumerate(zip(rows, targets)):
-            embeds[i, : r.shape[0]], labels[i, : t.shape[0]], mask[i, : r.shape[0]] = r, t, 1
-        return embeds, mask, labels
+            targets.append(torch.cat([torch.full((head.shape[0],), IGNORE, device=ans_t.device), ans_t]))
+        return right_pad(rows, targets)
 
     def _answer_token_logprobs(self, semantic, prompts, answers) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, mask, labels = self._understanding_batch(semantic, prompts, answers)
-        logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
-        target = labels[:, 1:]
-        valid = target != -100
-        logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
-        return logp * valid, valid
+        hidden = self._base()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return answer_logprobs(hidden, labels, self.lm.get_output_embeddings())
 
     def understanding_loss(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
         return sequence_nll(*self._answer_token_logprobs(semantic, prompts, answers))
@@ -307,7 +295,7 @@ class MetaQueryAdapter(nn.Module):
         ``answers`` is given (text generation; ``cond.instructions`` are the questions), else the
         learnable queries — in this architecture they are what carries the image to the DiT, so
         they are the image response (reca.adapter.Traceable)."""
-        base = getattr(self.lm, self.lm.base_model_prefix)
+        base = self._base()
         if answers is None:
             pieces = self._prompt_pieces(cond, [False] * len(cond))
             seqs = [(torch.cat([p, self.queries.to(p.dtype)]), p.shape[0]) for p in pieces]
@@ -315,7 +303,7 @@ class MetaQueryAdapter(nn.Module):
             if cond.semantic is None:
                 raise ValueError("text responses are traced for image prompts (captioning): give Condition(semantic=...)")
             embeds, mask, labels = self._understanding_batch(cond.semantic, cond.instructions, answers)
-            seqs = [(embeds[i, : int(mask[i].sum())], int((labels[i] != -100).nonzero()[0])) for i in range(len(embeds))]
+            seqs = [(embeds[i, : int(mask[i].sum())], int((labels[i] != IGNORE).nonzero()[0])) for i in range(len(embeds))]
         out = []
         for seq, prompt_len in seqs:  # one sequence at a time: no padding inside the states
             states = base(inputs_embeds=seq[None], output_hidden_states=True).hidden_states
@@ -348,11 +336,6 @@ class MetaQueryAdapter(nn.Module):
             latents = scheduler.step(pred, t, latents).prev_sample
         vae = self.vae
         if vae is None:
-            return _to_images(latents)
+            return to_pil(latents)
         shift = vae.config.get("shift_factor") or 0.0
-        return _to_images(vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample)
-
-
-def _to_images(pixels: torch.Tensor) -> list[Image.Image]:
-    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
+        return to_pil(vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample)
