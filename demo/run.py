@@ -29,8 +29,15 @@ from PIL import Image, ImageDraw
 
 from demo import encoder as demo_encoder
 from demo.scorer import WorldScorer
-from demo.seeds import (EVAL_SAMPLE_SEED, SEEDS, caption_seed, check_guardrails, finetune_seed, probe_seeds,
-                        understanding_seeds)
+from demo.seeds import (
+    EVAL_SAMPLE_SEED,
+    SEEDS,
+    caption_seed,
+    check_guardrails,
+    finetune_seed,
+    probe_seeds,
+    understanding_seeds,
+)
 from demo.world import CANONICAL, biased_caption, dense_caption, is_canonical, pairs, render
 from eval.stats import t_interval, wilson_interval
 from reca.config import Config, load_config, validate
@@ -425,7 +432,8 @@ def run(out: Path, settings: DemoSettings) -> dict:
                               ("control", f"control-seed{seed0}", out / f"control-seed{seed0}/final")):
         probes[label] = cached(st / f"probe-{name}.json", lambda: probe(out, name, ckpt, settings))["json"]
     from eval.probe import compare as probe_compare
-    from eval.probe import load_json, plot as probe_plot
+    from eval.probe import load_json
+    from eval.probe import plot as probe_plot
 
     probe_results = {k: load_json(v) for k, v in probes.items()}
     probe_plot(probe_results, out / "probe.png")

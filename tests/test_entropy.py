@@ -11,10 +11,26 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.entropy import (conditional_entropy, gaussian_gram, median_sigma, renyi_entropy, renyi_entropy_from_gram,
-                          select_tokens)
+from eval.entropy import (
+    conditional_entropy,
+    gaussian_gram,
+    median_sigma,
+    renyi_entropy,
+    renyi_entropy_from_gram,
+    select_tokens,
+)
+from eval.probe import (
+    Trace,
+    analyse,
+    compare,
+    encoding_trajectory,
+    main,
+    plot,
+    response_trajectory,
+    save_json,
+    summarise,
+)
 from eval.stats import bootstrap_ci
-from eval.probe import Trace, analyse, compare, encoding_trajectory, main, plot, response_trajectory, save_json, summarise
 
 LOG2 = math.log(2)
 

@@ -34,7 +34,7 @@ LAYERS: list[list[str]] = [
     ["eval.report", "eval.probe"],
     ["eval.cli"],
     # the demo application: above evaluation
-    ["demo.world"],
+    ["demo.world", "demo.seeds"],
     ["demo.scorer", "demo.encoder"],
     ["demo.run"],
     ["demo.__main__"],
