@@ -122,7 +122,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.wandb:
         import wandb
 
-        run = wandb.init(project=args.wandb_project, job_type="eval", config={"run": str(args.run), "scorer": scorer.name})
+        run = wandb.init(project=args.wandb_project, job_type="eval",
+                         config={"run": str(args.run), "scorer": scorer.name})
         log_wandb(results, run)
         run.finish()
     for tag, c in results["categories"].items():
@@ -161,7 +162,8 @@ def cmd_gap(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reca-eval", description="attribute-binding evaluation for unified multimodal models")
+    p = argparse.ArgumentParser(prog="reca-eval",
+                                description="attribute-binding evaluation for unified multimodal models")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -190,13 +192,16 @@ def parser() -> argparse.ArgumentParser:
     model_args(sp)
     sp.set_defaults(func=cmd_generate)
 
-    sp = sub.add_parser("score", help="score a run; writes <run>/scores/<scorer>/{scores.jsonl,results.json,results.md}")
+    sp = sub.add_parser("score",
+                        help="score a run; writes <run>/scores/<scorer>/{scores.jsonl,results.json,results.md}")
     sp.add_argument("--run", required=True, help="run directory (GenEval layout)")
     sp.add_argument("--scorer", required=True, help="clip, vqa, palette or package.module:Factory")
-    sp.add_argument("--scorer-arg", action="append", default=[], help="key=value passed to the scorer factory (repeatable)")
+    sp.add_argument("--scorer-arg", action="append", default=[],
+                    help="key=value passed to the scorer factory (repeatable)")
     sp.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name (GenEval: ViT-L-14)")
     sp.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag or local weights file")
-    sp.add_argument("--mask-background", action="store_true", help="clip: judge colour on the foreground pasted on #999")
+    sp.add_argument("--mask-background", action="store_true",
+                    help="clip: judge colour on the foreground pasted on #999")
     sp.add_argument("--out", help="output dir (default <run>/scores/<scorer>)")
     sp.add_argument("--wandb", action="store_true", help="log a wandb.Table (offline without an API key)")
     sp.add_argument("--wandb-project", default="reca", help="wandb project")

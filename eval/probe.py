@@ -114,7 +114,8 @@ def _trajectory(kind: str, traces: Sequence[Trace], n_resamples: int, ci_seed: i
                 rows.append([renyi_entropy(layer[: t.prompt_len], **s) for layer in t.layers])
                 n, n_all = n_p, n_p
             else:
-                rows.append([conditional_entropy(layer[: t.prompt_len], layer[t.prompt_len:], **s) for layer in t.layers])
+                rows.append([conditional_entropy(layer[: t.prompt_len], layer[t.prompt_len:], **s)
+                             for layer in t.layers])
                 n = _n_used(t.layers[0].shape[0] - t.prompt_len, 0, s["max_tokens"])
                 n_all = n_p + n
             n_tokens.append(n)
@@ -124,7 +125,8 @@ def _trajectory(kind: str, traces: Sequence[Trace], n_resamples: int, ci_seed: i
     return {"kind": kind, "settings": settings, "modalities": modalities}
 
 
-def encoding_trajectory(traces: Sequence[Trace], *, n_resamples: int = 1000, ci_seed: int = 0, **entropy_kw: Any) -> dict:
+def encoding_trajectory(traces: Sequence[Trace], *, n_resamples: int = 1000, ci_seed: int = 0,
+                        **entropy_kw: Any) -> dict:
     """H_α of each trace's prompt tokens at every layer, grouped by prompt modality:
     ``{"kind", "settings", "modalities": {m: {"depth", "mean", "lo", "hi", "mean_normalised", ...,
     "per_prompt" (prompts × layers), "n_tokens", "normaliser" (log n per prompt)}}}``.
@@ -132,7 +134,8 @@ def encoding_trajectory(traces: Sequence[Trace], *, n_resamples: int = 1000, ci_
     return _trajectory("encoding", traces, n_resamples, ci_seed, entropy_kw)
 
 
-def response_trajectory(traces: Sequence[Trace], *, n_resamples: int = 1000, ci_seed: int = 0, **entropy_kw: Any) -> dict:
+def response_trajectory(traces: Sequence[Trace], *, n_resamples: int = 1000, ci_seed: int = 0,
+                        **entropy_kw: Any) -> dict:
     """Ĥ(Z_r | Z_p) at every layer (:func:`eval.entropy.conditional_entropy`), grouped by the
     generated modality; same layout as :func:`encoding_trajectory` (``n_tokens`` = response tokens,
     ``normaliser`` = log of prompt + response tokens). Every trace needs ≥1 response token."""
@@ -196,8 +199,9 @@ def _summary(traj: Mapping[str, Any], signed: bool, B: int, seed: int) -> dict:
         n[m] = np.asarray(c["n_tokens"])
     out: dict[str, Any] = {}
     for suffix, v in (("", raw), ("_normalised", normed)):
-        out[f"final{suffix}"] = {m: dict(zip(("value", "lo", "hi"), bootstrap_ci(x[:, -1], B, LEVEL, int(rng.integers(2**31)))))
-                                 for m, x in v.items()}
+        out[f"final{suffix}"] = {
+            m: dict(zip(("value", "lo", "hi"), bootstrap_ci(x[:, -1], B, LEVEL, int(rng.integers(2**31)))))
+            for m, x in v.items()}
     both = all(m in raw for m in MODALITIES)
     out["gap"] = _gap_ci(raw["text"], raw["image"], signed, B, rng) if both else None
     out["gap_normalised"] = _gap_ci(normed["text"], normed["image"], signed, B, rng) if both else None
@@ -335,10 +339,12 @@ def collect_traces(adapter: Any, encoder: Any, texts: Sequence[str], images: Seq
     semantic = encoder.encode(list(images))
     text_runs = adapter.hidden_states(Condition(texts=list(texts)))
     image_runs = adapter.hidden_states(Condition(semantic=semantic, instructions=[""] * len(images)))
-    caption_runs = adapter.hidden_states(Condition(semantic=semantic, instructions=[question] * len(images)), answers=list(captions))
+    caption_runs = adapter.hidden_states(Condition(semantic=semantic, instructions=[question] * len(images)),
+                                         answers=list(captions))
     encoding = [Trace([h[:n] for h in layers], n, "text") for layers, n in text_runs]
     encoding += [Trace([h[:n] for h in layers], n, "image") for layers, n in image_runs]
-    response = [Trace(layers, n, "image") for layers, n in text_runs] + [Trace(layers, n, "text") for layers, n in caption_runs]
+    response = [Trace(layers, n, "image") for layers, n in text_runs]
+    response += [Trace(layers, n, "text") for layers, n in caption_runs]
     return encoding, response
 
 

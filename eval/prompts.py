@@ -171,7 +171,8 @@ def load_prompts(spec: str | Path) -> list[Prompt]:
         return load_geneval(path)
     if path.suffix == ".txt":
         return load_t2i_compbench(path)
-    raise EvalError(f"--prompts {spec}: expected 'builtin', a .jsonl (GenEval schema), a .txt or a directory of T2I-CompBench files")
+    raise EvalError(f"--prompts {spec}: expected 'builtin', a .jsonl (GenEval schema), a .txt or a directory of "
+                    "T2I-CompBench files")
 
 
 def prompt_source_files(spec: str | Path) -> list[Path]:

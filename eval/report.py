@@ -129,17 +129,20 @@ def score_run(run_dir: str | Path, scorer: Scorer, *, out_dir: str | Path | None
         checks = scorer.score(image, prompt)
         if not isinstance(checks.get("correct"), (bool, np.bool_)):
             raise EvalError(f"scorer '{scorer.name}': score() for {path} returned no boolean 'correct'")
-        row = {"index": prompt.index, "tag": prompt.tag, "prompt": prompt.prompt, "image": path.relative_to(run).as_posix()}
+        row = {"index": prompt.index, "tag": prompt.tag, "prompt": prompt.prompt,
+               "image": path.relative_to(run).as_posix()}
         try:
             row.update({k: _plain(v) for k, v in sorted(checks.items())})
         except TypeError as e:
-            raise EvalError(f"scorer '{scorer.name}': score() for {path} returned a {e} value; use bool, float or str") from None
+            raise EvalError(f"scorer '{scorer.name}': score() for {path} returned a {e} value; "
+                            "use bool, float or str") from None
         rows.append(row)
     results = aggregate(rows, n_boot=n_boot, seed=seed)
     manifest = read_manifest(run)
     results["scorer"] = scorer.name
     results["run"] = str(run)
-    results["generation"] = {k: manifest.get(k) for k in ("model", "n_images", "seed", "guidance_scale", "num_steps", "prompts")}
+    keys = ("model", "n_images", "seed", "guidance_scale", "num_steps", "prompts")
+    results["generation"] = {k: manifest.get(k) for k in keys}
     out = Path(out_dir) if out_dir is not None else scores_dir(run, scorer.name)
     atomic_write_text(out / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_json(out / "results.json", results)
@@ -163,13 +166,16 @@ def results_markdown(results: Mapping[str, Any]) -> str:
              + (f", checkpoint `{model['checkpoint']}`" if model.get("checkpoint") else "")
              + f"; {gen.get('n_images', '?')} images per prompt, seed {gen.get('seed', '?')}, "
                f"guidance {gen.get('guidance_scale', '?')}, {gen.get('num_steps', '?')} steps.", "",
-             "Accuracy in %. CI: 95% bootstrap over prompts; Wilson: 95% over images (treats images as independent).", "",
-             "| category | accuracy | CI | Wilson | prompts | images | unverified |", "|---|---|---|---|---|---|---|"]
+             "Accuracy in %. CI: 95% bootstrap over prompts; Wilson: 95% over images "
+             "(treats images as independent).", "",
+             "| category | accuracy | CI | Wilson | prompts | images | unverified |",
+             "|---|---|---|---|---|---|---|"]
     for tag, c in results["categories"].items():
         lines.append(f"| {tag} | {_pct(c['accuracy'])} | {_ci(c['ci95'])} | {_ci(c['wilson95'])} | {c['n_prompts']} "
                      f"| {c['n_images']} | {c['n_unverified']} |")
     o = results["overall"]
-    lines += [f"| **overall** (mean of categories) | **{_pct(o['accuracy'])}** | {_ci(o['ci95'])} | | {o['n_prompts']} | {o['n_images']} | |",
+    lines += [f"| **overall** (mean of categories) | **{_pct(o['accuracy'])}** | {_ci(o['ci95'])} | "
+              f"| {o['n_prompts']} | {o['n_images']} | |",
               "", "`unverified`: images whose prompt asks for something this scorer cannot check (count, position, "
               "an unknown attribute); their `correct` covers the rest.", "",
               "## Per prompt", "", "| # | category | prompt | correct |", "|---|---|---|---|"]
@@ -223,8 +229,9 @@ def log_wandb(results: Mapping[str, Any], run: Any = None, *, prefix: str = "eva
         log.info("no active wandb run (call wandb.init or pass --wandb); evaluation results not logged to wandb")
         return False
     columns = ["index", "category", "prompt", "n_correct", "n_images", "accuracy"]
-    table = wandb.Table(columns=columns, data=[[p["index"], p["tag"], p["prompt"], p["n_correct"], p["n_images"], p["accuracy"]]
-                                               for p in results["prompts"]])
+    rows = [[p["index"], p["tag"], p["prompt"], p["n_correct"], p["n_images"], p["accuracy"]]
+            for p in results["prompts"]]
+    table = wandb.Table(columns=columns, data=rows)
     data: dict[str, Any] = {f"{prefix}/{tag}": c["accuracy"] for tag, c in results["categories"].items()}
     data[f"{prefix}/overall"] = results["overall"]["accuracy"]
     data[f"{prefix}/prompts"] = table
@@ -253,8 +260,8 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + ([line] if line else [])
 
 
-def side_by_side(before: Sequence[Path], after: Sequence[Path], title: str, labels: tuple[str, str] = ("before", "after"),
-                 tile: int = 128) -> Image.Image:
+def side_by_side(before: Sequence[Path], after: Sequence[Path], title: str,
+                 labels: tuple[str, str] = ("before", "after"), tile: int = 128) -> Image.Image:
     """Before row | after row, the prompt as title, each row labelled on the left."""
     cols = max(len(before), len(after), 1)
     label_w, font = 70, _font(12)
@@ -287,7 +294,8 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, scorer
     common = sorted(set(pa) & set(pb))
     for i in common:
         if pa[i]["prompt"] != pb[i]["prompt"] or pa[i]["tag"] != pb[i]["tag"]:
-            raise EvalError(f"prompt {i}: '{pa[i]['prompt']}' in {run_a} but '{pb[i]['prompt']}' in {run_b}; not the same prompt set")
+            raise EvalError(f"prompt {i}: '{pa[i]['prompt']}' in {run_a} but '{pb[i]['prompt']}' in {run_b}; "
+                            "not the same prompt set")
     if not common:
         raise EvalError(f"{run_a} and {run_b} share no prompts")
     groups: dict[str, list[int]] = defaultdict(list)
@@ -305,8 +313,9 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, scorer
             stats.append((correct.sum() / total.sum(), resampled_accuracy(correct, total, idx[tag])))
         delta_boot = stats[1][1] - stats[0][1]
         deltas.append(delta_boot)
-        categories[tag] = {"before": float(stats[0][0]), "after": float(stats[1][0]), "delta": float(stats[1][0] - stats[0][0]),
-                           "delta_ci95": percentile_interval(delta_boot), "n_prompts": len(members)}
+        categories[tag] = {"before": float(stats[0][0]), "after": float(stats[1][0]),
+                           "delta": float(stats[1][0] - stats[0][0]), "delta_ci95": percentile_interval(delta_boot),
+                           "n_prompts": len(members)}
     overall = {"before": float(np.mean([c["before"] for c in categories.values()])),
                "after": float(np.mean([c["after"] for c in categories.values()]))}
     overall["delta"] = overall["after"] - overall["before"]
@@ -318,10 +327,13 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, scorer
               "bootstrap": {"n": n_boot, "seed": seed, "unit": "prompt", "paired": True, "level": 0.95}}
     out = Path(out_dir)
     if grids:
-        runs = {str(run_a): {rp.prompt.index: rp for rp in load_run(run_a)}, str(run_b): {rp.prompt.index: rp for rp in load_run(run_b)}}
+        runs = {str(run_a): {rp.prompt.index: rp for rp in load_run(run_a)},
+                str(run_b): {rp.prompt.index: rp for rp in load_run(run_b)}}
         for i in common:
-            img = side_by_side(runs[str(run_a)][i].images, runs[str(run_b)][i].images, f"[{pa[i]['tag']}] {pa[i]['prompt']}",
-                               labels=(f"before {pa[i]['n_correct']}/{pa[i]['n_images']}", f"after {pb[i]['n_correct']}/{pb[i]['n_images']}"))
+            labels = (f"before {pa[i]['n_correct']}/{pa[i]['n_images']}",
+                      f"after {pb[i]['n_correct']}/{pb[i]['n_images']}")
+            img = side_by_side(runs[str(run_a)][i].images, runs[str(run_b)][i].images,
+                               f"[{pa[i]['tag']}] {pa[i]['prompt']}", labels=labels)
             save_png(out / "grids" / f"{i:05d}.png", img)
     atomic_write_json(out / "compare.json", result)
     atomic_write_text(out / "compare.md", compare_markdown(result))
@@ -329,19 +341,24 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, scorer
 
 
 def compare_markdown(result: Mapping[str, Any]) -> str:
-    lines = [f"# reca-eval compare (scorer `{result['scorer']}`)", "", f"- before: `{result['before']}`", f"- after: `{result['after']}`", "",
+    lines = [f"# reca-eval compare (scorer `{result['scorer']}`)", "", f"- before: `{result['before']}`",
+             f"- after: `{result['after']}`", "",
              "Accuracy in %; delta CI: 95% paired bootstrap over prompts.", "",
              "| category | before | after | delta | delta CI | prompts |", "|---|---|---|---|---|---|"]
     for tag, c in result["categories"].items():
-        lines.append(f"| {tag} | {_pct(c['before'])} | {_pct(c['after'])} | {100 * c['delta']:+.1f} | {_ci(c['delta_ci95'])} | {c['n_prompts']} |")
+        lines.append(f"| {tag} | {_pct(c['before'])} | {_pct(c['after'])} | {100 * c['delta']:+.1f} "
+                     f"| {_ci(c['delta_ci95'])} | {c['n_prompts']} |")
     o = result["overall"]
-    lines.append(f"| **overall** | {_pct(o['before'])} | {_pct(o['after'])} | **{100 * o['delta']:+.1f}** | {_ci(o['delta_ci95'])} | |")
+    lines.append(f"| **overall** | {_pct(o['before'])} | {_pct(o['after'])} | **{100 * o['delta']:+.1f}** "
+                 f"| {_ci(o['delta_ci95'])} | |")
     if result["only_before"] or result["only_after"]:
         lines += ["", f"Not compared (in one run only): before {result['only_before']}, after {result['only_after']}."]
     changed = [p for p in result["prompts"] if p["after"] != p["before"]]
-    lines += ["", "## Prompts that changed", "", "| # | category | prompt | before | after | grid |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Prompts that changed", "", "| # | category | prompt | before | after | grid |",
+              "|---|---|---|---|---|---|"]
     for p in sorted(changed, key=lambda p: (p["before"] - p["after"], p["index"])):
-        lines.append(f"| {p['index']} | {p['tag']} | {p['prompt']} | {_pct(p['before'])} | {_pct(p['after'])} | grids/{p['index']:05d}.png |")
+        lines.append(f"| {p['index']} | {p['tag']} | {p['prompt']} | {_pct(p['before'])} | {_pct(p['after'])} "
+                     f"| grids/{p['index']:05d}.png |")
     return "\n".join(lines) + "\n"
 
 
@@ -362,7 +379,8 @@ def read_labels(path: str | Path) -> list[dict[str, Any]]:
             row["attribute"] = row["color"]
         for key in ("image", "attribute", "object", "category"):
             if not isinstance(row.get(key), str) or not row[key]:
-                raise EvalError(f"{path}:{lineno}: field '{key}' (or 'color' for the attribute) must be a non-empty string")
+                raise EvalError(f"{path}:{lineno}: field '{key}' (or 'color' for the attribute) "
+                                "must be a non-empty string")
         row["path"] = (path.parent / row["image"]).resolve()
         rows.append(row)
     if not rows:
@@ -387,7 +405,8 @@ def understanding_rows(labels: Sequence[Mapping[str, Any]], vqa: VQAScorer, *, c
             probs = vqa.p_yes(vqa.encode(im.convert("RGB")), questions)
         p_true, p_wrong = probs[0], max(probs[1:])
         out.append({"image": r["image"], "category": r["category"], "attribute": r["attribute"], "object": r["object"],
-                    "p_yes_true": p_true, "p_yes_wrong": p_wrong, "understood": bool(p_true > threshold and p_true > p_wrong)})
+                    "p_yes_true": p_true, "p_yes_wrong": p_wrong,
+                    "understood": bool(p_true > threshold and p_true > p_wrong)})
     return out
 
 
@@ -431,12 +450,14 @@ def gap_markdown(result: Mapping[str, Any]) -> str:
         return "–" if value is None else f"{_pct(value)} {_ci(ci) if ci else ''}".strip()
 
     lines = ["# Understanding vs generation", "",
-             f"Understanding: the UMM's P(yes) for the true attribute > {result['threshold']} and > P(yes) for the wrong "
-             f"one(s), on labelled images. Generation: scorer `{result.get('scorer')}` on `{result.get('generation_run')}`. "
-             "Accuracy in %, 95% bootstrap CIs.", "",
-             "| category | understanding | generation | gap (pts) | labelled | generated |", "|---|---|---|---|---|---|"]
+             f"Understanding: the UMM's P(yes) for the true attribute > {result['threshold']} and > P(yes) for the "
+             f"wrong one(s), on labelled images. Generation: scorer `{result.get('scorer')}` on "
+             f"`{result.get('generation_run')}`. Accuracy in %, 95% bootstrap CIs.", "",
+             "| category | understanding | generation | gap (pts) | labelled | generated |",
+             "|---|---|---|---|---|---|"]
     for cat, c in result["categories"].items():
         gap = "–" if c["gap"] is None else f"{100 * c['gap']:+.1f}"
-        lines.append(f"| {cat} | {cell(c['understanding'], c.get('understanding_ci95'))} | {cell(c['generation'], c.get('generation_ci95'))} "
+        lines.append(f"| {cat} | {cell(c['understanding'], c.get('understanding_ci95'))} "
+                     f"| {cell(c['generation'], c.get('generation_ci95'))} "
                      f"| {gap} | {c.get('n_labelled', 0)} | {c.get('n_generated', 0)} |")
     return "\n".join(lines) + "\n"

@@ -38,7 +38,8 @@ from eval.prompts import COLORS, EvalError, Prompt, attribute_of, load_object_na
 Score = dict[str, float | bool | str]
 
 #: GenEval's colour templates (from its evaluate_images.py).
-COLOR_TEMPLATES: tuple[str, ...] = ("a photo of a {c} {obj}", "a photo of a {c}-colored {obj}", "a photo of a {c} object")
+COLOR_TEMPLATES: tuple[str, ...] = ("a photo of a {c} {obj}", "a photo of a {c}-colored {obj}",
+                                    "a photo of a {c} object")
 OBJECT_TEMPLATE = "a photo of a {obj}"
 ATTRIBUTE_TEMPLATE = "a photo of a {a} {obj}"
 #: closed vocabularies for zero-shot attribute checks (T2I-CompBench's shape/texture words + ours).
@@ -122,7 +123,8 @@ def foreground_mask(image: Image.Image, threshold: float = 0.15) -> np.ndarray:
     return np.linalg.norm(rgb - background, axis=-1) > threshold
 
 
-def palette_votes(image: Image.Image, palette: Mapping[str, Sequence[int]], mask: np.ndarray | None = None) -> dict[str, float]:
+def palette_votes(image: Image.Image, palette: Mapping[str, Sequence[int]],
+                  mask: np.ndarray | None = None) -> dict[str, float]:
     """Share of (masked) pixels whose nearest palette colour (RGB Euclidean) is each name."""
     if not palette:
         raise ValueError("palette_votes: empty palette")
@@ -210,7 +212,8 @@ class ClipScorer:
 
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, **overrides)
         tokenizer = open_clip.get_tokenizer(name)
-        return cls(model, preprocess, tokenizer, object_names=object_names, mask_background=mask_background, device=device)
+        return cls(model, preprocess, tokenizer, object_names=object_names, mask_background=mask_background,
+                   device=device)
 
     # -- embeddings (cached per text: the same class prompts recur for every image)
 
@@ -252,11 +255,13 @@ class ClipScorer:
         unverified = unverifiable(prompt)
         correct = True
         if not prompt.include:
-            raise EvalError(f"prompt {prompt.index} ('{prompt.prompt}'): no include items; ClipScorer needs GenEval-style objects")
+            raise EvalError(f"prompt {prompt.index} ('{prompt.prompt}'): no include items; "
+                            "ClipScorer needs GenEval-style objects")
         for i, item in enumerate(prompt.include):
             obj = item["class"]
             candidates = [obj] + [n for n in self.object_names if n != obj]
-            probs = softmax(zero_shot_logits(whole, self._class_embeddings(candidates, [OBJECT_TEMPLATE]), self.scale).tolist())
+            class_emb = self._class_embeddings(candidates, [OBJECT_TEMPLATE])
+            probs = softmax(zero_shot_logits(whole, class_emb, self.scale).tolist())
             present = argmax_label(probs, candidates) == obj
             out[f"obj{i}_present"] = present
             out[f"obj{i}_p_present"] = probs[0]
@@ -272,7 +277,8 @@ class ClipScorer:
                 unverified = True
                 continue
             vocab = list(vocab)
-            probs = softmax(zero_shot_logits(attr_emb, self._class_embeddings(vocab, templates, obj=obj), self.scale).tolist())
+            vocab_emb = self._class_embeddings(vocab, templates, obj=obj)
+            probs = softmax(zero_shot_logits(attr_emb, vocab_emb, self.scale).tolist())
             predicted = argmax_label(probs, vocab)
             key = "color" if item.get("color") is not None else "attribute"
             out[f"obj{i}_{key}"] = predicted
@@ -408,14 +414,16 @@ def load_scorer(spec: str, **kwargs: Any) -> Scorer:
     """Build a scorer from ``"package.module:Factory"`` (a class or function) with ``kwargs``."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise EvalError(f"--scorer {spec}: expected 'clip', 'vqa', 'palette' or an import path 'package.module:Factory'")
+        raise EvalError(f"--scorer {spec}: expected 'clip', 'vqa', 'palette' or an import path "
+                        "'package.module:Factory'")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise EvalError(f"--scorer {spec}: cannot import ({e})") from None
     scorer = factory(**kwargs)
     if not isinstance(getattr(scorer, "name", None), str) or not callable(getattr(scorer, "score", None)):
-        raise EvalError(f"--scorer {spec}: built a {type(scorer).__name__} without a 'name' and a 'score(image, prompt)' method")
+        raise EvalError(f"--scorer {spec}: built a {type(scorer).__name__} without a 'name' and a "
+                        "'score(image, prompt)' method")
     return scorer
 
 
