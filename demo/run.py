@@ -62,12 +62,13 @@ class DemoSettings:
     pretrain_shares: dict = field(default_factory=lambda: {"recon": 0.0, "t2i": 0.75, "i2t": 0.25})
     reca_steps: int = 200
     reca_batch: int = 64
-    # Harmon's mixture, recon : image-to-text : text-to-image = 2 : 2 : 0 (DESIGN.md §1). Keeping
+    # Harmon's mixture, recon : image-to-text : text-to-image = 2 : 2 : 0 (`repeat = [2, 2, 0]` in the
+    # official RecA repository's Harmon/configs/datasets/qwen2_5_1_5b/image2text_recon_mid.py). Keeping
     # some captioned text-to-image data (0.34 / 0.16 / 0.5) protects canonical prompts but, at this
     # budget, stops the transfer altogether (README, the demo).
     reca_shares: dict = field(default_factory=lambda: {"recon": 0.5, "t2i": 0.0, "i2t": 0.5})
     reca_lr: float = 5e-4
-    reca_schedule: str = "cosine"  # 5% warmup then cosine, as Harmon (DESIGN.md §1)
+    reca_schedule: str = "cosine"  # 5% warmup then cosine, as Harmon (Harmon/configs/examples/reca.py)
     seeds: tuple = (0, 1, 2)
     samples: int = 32  # generated images per prompt
     renders: int = 16  # real renders per pair for understanding and reconstruction

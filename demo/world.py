@@ -4,7 +4,7 @@ Six shapes in six colours on a dark, noisy background. Every shape has one canon
 "green broccoli"); the other 30 colour–shape pairs are rare. Captioned text-to-image data shows
 canonical pairs only, with the colour word often dropped — so the generation path never reads
 "a purple triangle" — while unlabelled images and dense image-to-text data cover all 36 pairs, so
-the model can recognise a purple triangle it cannot draw (DESIGN.md §7: the bias had to be total
+the model can recognise a purple triangle it cannot draw (docs/demo.md: the bias had to be total
 to reproduce the failure).
 
 Every render is a pure function of its seed, and comes with its ground truth.
@@ -83,7 +83,7 @@ def render(shape: str, colour: str, seed: int, size: int = SIZE) -> Render:
     cx, cy = rng.uniform(13.5, 18.5, size=2) * size / SIZE
     r = rng.uniform(7.5, 10.5) * size / SIZE
     # Upright, with a little tilt: a free rotation makes a 32-pixel generator average shapes into
-    # blobs (canonical pairs drawn right 60%, DESIGN.md §7.4 "narrower layout variation first").
+    # blobs (canonical pairs drawn right 60%, docs/demo.md, "What else was measured").
     angle = rng.uniform(-MAX_TILT, MAX_TILT) if shape not in ("circle", "ring") else 0.0
     mask = shape_mask(shape, cx, cy, r, angle, size)
     background = rng.uniform(0.0, 0.1, size=3)

@@ -11,7 +11,7 @@ from data using infinitely divisible kernels", IEEE T-IT 2015; used per layer by
 0 ≤ H_α ≤ log n: 0 when all tokens coincide, log n when they are mutually far apart at scale σ.
 The response proxy is Ĥ(Z_r | Z_p) = H_α(K_joint) − H_α(K_pp) (:func:`conditional_entropy`).
 
-Choices (fixed here so every checkpoint is measured the same way, DESIGN.md §4):
+Choices (fixed here so every checkpoint is measured the same way; docs/probe.md):
 
 * everything is computed in float64 whatever the input dtype, eigenvalues by ``torch.linalg.eigvalsh``
   and clamped at 0 (round-off makes the smallest slightly negative);

@@ -1,4 +1,4 @@
-"""The pseudo-unification entropy probe over *traces* (DESIGN.md §4): per-layer entropy curves per
+"""The pseudo-unification entropy probe over *traces* (arXiv 2604.10949): per-layer entropy curves per
 modality, scalar summaries with bootstrap CIs, JSON, plots and a before/after table.
 
 A :class:`Trace` is one prompt's hidden states through a model; this module never runs a model, so

@@ -14,7 +14,7 @@ from eval.prompts import (COLORS, EvalError, Prompt, load_builtin, load_geneval,
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BENCH = SHARED / "benchmarks"
-needs_shared = pytest.mark.skipif(not BENCH.is_dir(), reason=f"benchmark copies not found at {BENCH} (../shared next to the repo)")
+needs_shared = pytest.mark.skipif(not BENCH.is_dir(), reason=f"benchmark copies not found at {BENCH} (a shared folder beside the repository)")
 
 
 @needs_shared
