@@ -17,7 +17,8 @@ from PIL import Image
 from torch import nn
 
 from reca.adapter import Condition
-from reca.flow import flow_matching_loss, noisy_latents, per_sample_noise, sample_sigmas
+from reca.flow import flow_matching_loss, noisy_latents, sample_sigmas
+from reca.seeds import per_sample_noise
 
 
 @dataclass
