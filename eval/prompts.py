@@ -30,6 +30,10 @@ from typing import Any, Iterable, Sequence
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUILTIN_PATH = DATA_DIR / "attribute_binding.jsonl"
 OBJECT_NAMES_PATH = DATA_DIR / "object_names.txt"
+# copies of the benchmarks' prompt files, each folder with its licence (both MIT)
+GENEVAL_PATH = DATA_DIR / "geneval" / "evaluation_metadata.jsonl"
+T2I_COMPBENCH_DIR = DATA_DIR / "t2i_compbench"
+NAMED = {"builtin": BUILTIN_PATH, "geneval": GENEVAL_PATH, "t2i-compbench": T2I_COMPBENCH_DIR}
 
 #: GenEval's colour vocabulary (its order is GenEval's; it also breaks ties in argmax).
 COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -161,25 +165,22 @@ def load_builtin() -> list[Prompt]:
 
 
 def load_prompts(spec: str | Path) -> list[Prompt]:
-    """``"builtin"``, a GenEval-schema ``.jsonl``, a T2I-CompBench ``.txt`` or a directory of them."""
-    if str(spec) == "builtin":
-        return load_builtin()
-    path = Path(spec)
+    """A named set (``builtin``, ``geneval``: its 553 prompts, ``t2i-compbench``: colour, shape and
+    texture val), a GenEval-schema ``.jsonl``, a T2I-CompBench ``.txt`` or a directory of them."""
+    path = NAMED.get(str(spec), Path(spec))
     if path.is_dir():
         return load_t2i_compbench(path)
     if path.suffix == ".jsonl":
         return load_geneval(path)
     if path.suffix == ".txt":
         return load_t2i_compbench(path)
-    raise EvalError(f"--prompts {spec}: expected 'builtin', a .jsonl (GenEval schema), a .txt or a directory of "
+    raise EvalError(f"--prompts {spec}: expected 'builtin', 'geneval', 't2i-compbench', a .jsonl (GenEval schema), a .txt or a directory of "
                     "T2I-CompBench files")
 
 
 def prompt_source_files(spec: str | Path) -> list[Path]:
     """The files ``load_prompts(spec)`` reads, in reading order (hashed into the run manifest)."""
-    if str(spec) == "builtin":
-        return [BUILTIN_PATH]
-    path = Path(spec)
+    path = NAMED.get(str(spec), Path(spec))
     if path.is_dir():
         return [path / f"{cat}_val.txt" for cat in T2I_COMPBENCH_CATEGORIES]
     return [path]
@@ -196,7 +197,7 @@ def prompts_digest(prompts: Iterable[Prompt]) -> str:
 
 
 def load_object_names(path: str | Path = OBJECT_NAMES_PATH) -> list[str]:
-    """GenEval's 80 COCO class names (copied from GenEval, MIT; see data/LICENSE.geneval)."""
+    """GenEval's 80 COCO class names (copied from GenEval, MIT; see data/geneval/LICENSE)."""
     names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not names:
         raise EvalError(f"{path}: no object names")
