@@ -1,7 +1,7 @@
 """RecA post-training entry point.
 
-    accelerate launch train.py --config configs/tiny.yaml [key=value ...] [--resume latest|PATH]
-    python train.py --help-config        # every config key with its default and help
+accelerate launch train.py --config configs/tiny.yaml [key=value ...] [--resume latest|PATH]
+python train.py --help-config        # every config key with its default and help
 """
 
 from __future__ import annotations

@@ -18,9 +18,11 @@ from demo.world import COLOURS, SHAPES, dense_caption, render
 from reca.io import atomic_write
 
 NAME = "ViT-B-32"  # only the architecture family; every size below overrides it
-OVERRIDES = {"embed_dim": 64,
-             "vision_cfg": {"width": 64, "layers": 3, "patch_size": 4, "image_size": 16, "head_width": 32},
-             "text_cfg": {"width": 64, "layers": 2, "heads": 4, "context_length": 8}}
+OVERRIDES = {
+    "embed_dim": 64,
+    "vision_cfg": {"width": 64, "layers": 3, "patch_size": 4, "image_size": 16, "head_width": 32},
+    "text_cfg": {"width": 64, "layers": 2, "heads": 4, "context_length": 8},
+}
 ALL_PAIRS = [(s, c) for s in SHAPES for c in COLOURS]
 
 

@@ -80,8 +80,20 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> "DemoSettings":
         """The reduced run of the test suite: every stage, tiny budgets, numbers meaningless."""
-        return cls(n_t2i=192, n_i2t=384, n_recon=384, pretrain_steps=6, pretrain_batch=16, reca_steps=4, reca_batch=16,
-                   seeds=(0, 1, 2), samples=2, renders=2, sample_steps=2, encoder_steps=5)
+        return cls(
+            n_t2i=192,
+            n_i2t=384,
+            n_recon=384,
+            pretrain_steps=6,
+            pretrain_batch=16,
+            reca_steps=4,
+            reca_batch=16,
+            seeds=(0, 1, 2),
+            samples=2,
+            renders=2,
+            sample_steps=2,
+            encoder_steps=5,
+        )
 
 
 def cached(path: Path, make: Callable[[], dict]) -> dict:
@@ -180,19 +192,29 @@ def base_config(out: Path) -> Config:
     and the three data pools, logging every 25 steps."""
     cfg = copy.deepcopy(_config_yaml())
     data = out / "data"
-    cfg = derive(cfg, encoder={"pretrained": str(out / "cache/encoder.pt")},
-                 model={"args": {**cfg.model.args, "tokenizer": str(out / "cache/tokenizer")}},
-                 objectives={k: {"data": {"path": str(data / f"{k}.jsonl")}} for k in ("recon", "t2i", "i2t")},
-                 train={"log_every": 25})
+    cfg = derive(
+        cfg,
+        encoder={"pretrained": str(out / "cache/encoder.pt")},
+        model={"args": {**cfg.model.args, "tokenizer": str(out / "cache/tokenizer")}},
+        objectives={k: {"data": {"path": str(data / f"{k}.jsonl")}} for k in ("recon", "t2i", "i2t")},
+        train={"log_every": 25},
+    )
     validate(cfg)
     return cfg
 
 
 def pretrain_config(out: Path, s: DemoSettings) -> Config:
     """The UMM's pretraining on biased captions (no reconstruction)."""
-    cfg = derive(base_config(out), optim={"warmup_steps": min(100, s.pretrain_steps // 10)},
-                 train={"max_steps": s.pretrain_steps, "batch_size": s.pretrain_batch,
-                        "save_every": s.pretrain_steps, "sample_every": 0})
+    cfg = derive(
+        base_config(out),
+        optim={"warmup_steps": min(100, s.pretrain_steps // 10)},
+        train={
+            "max_steps": s.pretrain_steps,
+            "batch_size": s.pretrain_batch,
+            "save_every": s.pretrain_steps,
+            "sample_every": 0,
+        },
+    )
     cfg = with_shares(cfg, s.pretrain_shares)
     validate(cfg)
     return cfg
@@ -218,11 +240,17 @@ def arm_shares(s: DemoSettings, arm: str) -> dict[str, float]:
 
 def finetune_config(out: Path, s: DemoSettings, arm: str, seed: int) -> Config:
     """Same steps, batch, seed and schedule for both arms; only the mixture differs (arm_shares)."""
-    cfg = derive(with_pretrained(base_config(out), out / "pretrain/final"),
-                 train={"max_steps": s.reca_steps, "batch_size": s.reca_batch, "seed": finetune_seed(seed),
-                        "save_every": s.reca_steps, "sample_every": 0},
-                 optim={"lr": float(s.reca_lr), "warmup_steps": max(1, s.reca_steps // 20),
-                        "schedule": s.reca_schedule})
+    cfg = derive(
+        with_pretrained(base_config(out), out / "pretrain/final"),
+        train={
+            "max_steps": s.reca_steps,
+            "batch_size": s.reca_batch,
+            "seed": finetune_seed(seed),
+            "save_every": s.reca_steps,
+            "sample_every": 0,
+        },
+        optim={"lr": float(s.reca_lr), "warmup_steps": max(1, s.reca_steps // 20), "schedule": s.reca_schedule},
+    )
     cfg = with_shares(cfg, arm_shares(s, arm))
     if s.lora:
         cfg = derive(cfg, lora={"enabled": True, "rank": 16, "alpha": 32}, train={"trainable": []})
@@ -245,8 +273,12 @@ def eval_prompts():
     from eval.prompts import Prompt
 
     items = [("rare", s, c) for s, c in pairs("rare")] + [("canonical", s, c) for s, c in pairs("canonical")]
-    return [Prompt(index=i, prompt=f"a {c} {s}", tag=tag, include=[{"class": s, "count": 1, "color": c}], exclude=[],
-                   extra={}) for i, (tag, s, c) in enumerate(items)]
+    return [
+        Prompt(
+            index=i, prompt=f"a {c} {s}", tag=tag, include=[{"class": s, "count": 1, "color": c}], exclude=[], extra={}
+        )
+        for i, (tag, s, c) in enumerate(items)
+    ]
 
 
 def evaluate(out: Path, name: str, checkpoint: Path, s: DemoSettings, scorer: WorldScorer) -> dict:
@@ -257,41 +289,67 @@ def evaluate(out: Path, name: str, checkpoint: Path, s: DemoSettings, scorer: Wo
 
     adapter, encoder = load_trained(*eval_config(out, checkpoint, s.lora))
     run_dir = out / "eval" / name
-    generate(adapter, eval_prompts(), run_dir, n_images=s.samples, seed=EVAL_SAMPLE_SEED, guidance_scale=s.guidance,
-             num_steps=s.sample_steps, batch_size=64, model_info=describe_model(adapter, checkpoint))
+    generate(
+        adapter,
+        eval_prompts(),
+        run_dir,
+        n_images=s.samples,
+        seed=EVAL_SAMPLE_SEED,
+        guidance_scale=s.guidance,
+        num_steps=s.sample_steps,
+        batch_size=64,
+        model_info=describe_model(adapter, checkpoint),
+    )
     score_run(run_dir, scorer)
     rows = [json.loads(line) for line in (run_dir / "scores/world/scores.jsonl").read_text().splitlines()]
     gen = {}
     for tag in ("rare", "canonical"):
         tagged = [r for r in rows if r["tag"] == tag]
-        gen[tag] = {"n": len(tagged), "colour": sum(r["colour_ok"] for r in tagged),
-                    "shape": sum(r["shape_ok"] for r in tagged), "both": sum(r["correct"] for r in tagged),
-                    "drawn_canonical_colour": sum(r["colour"] == CANONICAL[r["prompt"].split()[-1]] for r in tagged)}
+        gen[tag] = {
+            "n": len(tagged),
+            "colour": sum(r["colour_ok"] for r in tagged),
+            "shape": sum(r["shape_ok"] for r in tagged),
+            "both": sum(r["correct"] for r in tagged),
+            "drawn_canonical_colour": sum(r["colour"] == CANONICAL[r["prompt"].split()[-1]] for r in tagged),
+        }
     und = {}
     captions = [dense_caption(sh, c) for sh, c in pairs("all")]
     for tag in ("rare", "canonical"):
-        items = [(sh, c, seed) for k, (sh, c) in enumerate(pairs(tag))
-                 for seed in understanding_seeds(tag, k, s.renders)]
+        items = [
+            (sh, c, seed) for k, (sh, c) in enumerate(pairs(tag)) for seed in understanding_seeds(tag, k, s.renders)
+        ]
         with torch.no_grad():
             sem = encoder.encode([render(sh, c, seed).image for sh, c, seed in items])
             # understanding: which of the 36 dense captions does the model find most likely?
             correct, k = 0, 8  # k images × 36 captions per forward pass
             for i in range(0, len(items), k):
-                chunk = sem[i:i + k]
-                logp = adapter.answer_logprob(chunk.repeat_interleave(len(captions), 0),
-                                              [I2T_PROMPT] * (len(chunk) * len(captions)),
-                                              captions * len(chunk)).view(len(chunk), len(captions))
-                correct += sum(captions[int(j)] == dense_caption(sh, c)
-                               for j, (sh, c, _) in zip(logp.argmax(1), items[i:i + k]))
+                chunk = sem[i : i + k]
+                logp = adapter.answer_logprob(
+                    chunk.repeat_interleave(len(captions), 0),
+                    [I2T_PROMPT] * (len(chunk) * len(captions)),
+                    captions * len(chunk),
+                ).view(len(chunk), len(captions))
+                correct += sum(
+                    captions[int(j)] == dense_caption(sh, c) for j, (sh, c, _) in zip(logp.argmax(1), items[i : i + k])
+                )
         und[tag] = {"n": len(items), "correct": int(correct)}
         if tag == "rare":  # the report reads reconstruction of rare pairs only
             rare_items, rare_sem = items, sem
     with torch.no_grad():
-        recons = adapter.generate(_recon_condition(rare_sem), seeds=[seed for *_, seed in rare_items],
-                                  guidance_scale=s.guidance, num_steps=s.sample_steps)
+        recons = adapter.generate(
+            _recon_condition(rare_sem),
+            seeds=[seed for *_, seed in rare_items],
+            guidance_scale=s.guidance,
+            num_steps=s.sample_steps,
+        )
     judged = scorer.judge(recons, [sh for sh, _, _ in rare_items], [c for _, c, _ in rare_items])
-    rec = {"rare": {"n": len(rare_items), "both": sum(j["correct"] for j in judged),
-                    "colour": sum(j["colour_ok"] for j in judged)}}
+    rec = {
+        "rare": {
+            "n": len(rare_items),
+            "both": sum(j["correct"] for j in judged),
+            "colour": sum(j["colour_ok"] for j in judged),
+        }
+    }
     return {"generation": gen, "understanding": und, "reconstruction": rec}
 
 
@@ -310,8 +368,13 @@ def probe(out: Path, name: str, checkpoint: Path, s: DemoSettings) -> dict:
     items = pairs("all")
     renders = [render(sh, c, seed).image for (sh, c), seed in zip(items, probe_seeds(len(items)))]
     with torch.no_grad():
-        encoding, response = collect_traces(adapter, encoder, [dense_caption(sh, c) for sh, c in items], renders,
-                                            [dense_caption(sh, c) for sh, c in items])
+        encoding, response = collect_traces(
+            adapter,
+            encoder,
+            [dense_caption(sh, c) for sh, c in items],
+            renders,
+            [dense_caption(sh, c) for sh, c in items],
+        )
     result = analyse(encoding, response, drop_first=1, n_resamples=200 if s.samples < 8 else 1000)
     save_json(result, out / "probe" / f"{name}.json")
     return {"json": str(out / "probe" / f"{name}.json")}
@@ -341,8 +404,14 @@ def summarise(results: dict[str, list[dict]]) -> dict:
             ns = [r[a][b]["n"] for r in runs]
             lo, hi = wilson_interval(sum(ks), sum(ns))
             mean, slo, shi = t_interval([k / n for k, n in zip(ks, ns)])
-            table[arm][label] = {"pooled": sum(ks) / sum(ns), "wilson95": [lo, hi], "seed_mean": mean,
-                                 "seed_t95": [slo, shi], "per_seed": [k / n for k, n in zip(ks, ns)], "n": sum(ns)}
+            table[arm][label] = {
+                "pooled": sum(ks) / sum(ns),
+                "wilson95": [lo, hi],
+                "seed_mean": mean,
+                "seed_t95": [slo, shi],
+                "per_seed": [k / n for k, n in zip(ks, ns)],
+                "n": sum(ns),
+            }
     return table
 
 
@@ -360,12 +429,14 @@ def markdown(table: dict, settings: DemoSettings, timings: dict) -> str:
                 cell += f" seeds [{100 * t[0]:.0f}, {100 * t[1]:.0f}]"
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    note = (f"\nCell: pooled accuracy [Wilson 95% over all samples]; for RecA and control also the 95% t-interval over "
-            f"their {len(settings.seeds)} fine-tuning seeds (seeds [lo, hi]). Before = the pretrained model; "
-            f"{settings.samples} generated images per prompt and {settings.renders} real renders per pair "
-            f"(understanding, reconstruction), "
-            f"6 prompts per group, per seed; RecA / control: {settings.reca_steps} steps each. "
-            f"Per-seed values are in report.json.\n")
+    note = (
+        f"\nCell: pooled accuracy [Wilson 95% over all samples]; for RecA and control also the 95% t-interval over "
+        f"their {len(settings.seeds)} fine-tuning seeds (seeds [lo, hi]). Before = the pretrained model; "
+        f"{settings.samples} generated images per prompt and {settings.renders} real renders per pair "
+        f"(understanding, reconstruction), "
+        f"6 prompts per group, per seed; RecA / control: {settings.reca_steps} steps each. "
+        f"Per-seed values are in report.json.\n"
+    )
     stages = ", ".join(f"{k} {v}" for k, v in timings.items())
     return "\n".join(lines) + "\n" + note + "\nStage timings (s): " + stages + "\n"
 
@@ -404,15 +475,20 @@ def run(out: Path, settings: DemoSettings) -> dict:
     t = cached(st / "scorer.json", lambda: {"accuracy": WorldScorer.load_or_train(out / "cache/scorer.pt").accuracy})
     timings["scorer"] = t["seconds"]
     scorer = WorldScorer.load_or_train(out / "cache/scorer.pt")
-    enc = cached(st / "encoder.json", lambda: {
-        "zero_shot_36way": demo_encoder.pretrain(out / "cache/encoder.pt", steps=settings.encoder_steps)})
+    enc = cached(
+        st / "encoder.json",
+        lambda: {"zero_shot_36way": demo_encoder.pretrain(out / "cache/encoder.pt", steps=settings.encoder_steps)},
+    )
     timings["encoder"] = enc["seconds"]
     sizes = {"t2i": settings.n_t2i, "i2t": settings.n_i2t, "recon": settings.n_recon}
-    data = cached(st / "data.json", lambda: {k: write_pool(out / "data" / k, k, n) for k, n in sizes.items()}
-                  | {"audit": audit_data(out / "data")})
+    data = cached(
+        st / "data.json",
+        lambda: {k: write_pool(out / "data" / k, k, n) for k, n in sizes.items()} | {"audit": audit_data(out / "data")},
+    )
     timings["data"] = data["seconds"]
-    tok = cached(st / "tokenizer.json",
-                 lambda: {"path": str(save_word_tokenizer(world_vocabulary(), out / "cache/tokenizer"))})
+    tok = cached(
+        st / "tokenizer.json", lambda: {"path": str(save_word_tokenizer(world_vocabulary(), out / "cache/tokenizer"))}
+    )
     timings["tokenizer"] = tok["seconds"]
     pre = cached(st / "pretrain.json", lambda: train(out / "pretrain", pretrain_config(out, settings)))
     timings["pretrain"] = pre["seconds"]
@@ -424,13 +500,16 @@ def run(out: Path, settings: DemoSettings) -> dict:
             name = f"{arm}-seed{seed}"
             tr = cached(st / f"train-{name}.json", lambda: train(out / name, finetune_config(out, settings, arm, seed)))
             timings[f"train {name}"] = tr["seconds"]
-            results[arm].append(cached(st / f"eval-{name}.json",
-                                       lambda: evaluate(out, name, out / name / "final", settings, scorer)))
+            results[arm].append(
+                cached(st / f"eval-{name}.json", lambda: evaluate(out, name, out / name / "final", settings, scorer))
+            )
     probes = {}
     seed0 = settings.seeds[0]
-    for label, name, ckpt in (("before", "before", out / "pretrain/final"),
-                              ("RecA", f"reca-seed{seed0}", out / f"reca-seed{seed0}/final"),
-                              ("control", f"control-seed{seed0}", out / f"control-seed{seed0}/final")):
+    for label, name, ckpt in (
+        ("before", "before", out / "pretrain/final"),
+        ("RecA", f"reca-seed{seed0}", out / f"reca-seed{seed0}/final"),
+        ("control", f"control-seed{seed0}", out / f"control-seed{seed0}/final"),
+    ):
         probes[label] = cached(st / f"probe-{name}.json", lambda: probe(out, name, ckpt, settings))["json"]
     from eval.probe import compare as probe_compare
     from eval.probe import load_json
@@ -439,25 +518,41 @@ def run(out: Path, settings: DemoSettings) -> dict:
     probe_results = {k: load_json(v) for k, v in probes.items()}
     probe_plot(probe_results, out / "probe.png")
     table = summarise(results)
-    report = {"settings": asdict(settings), "scorer_accuracy": t["accuracy"],
-              "encoder_zero_shot": enc["zero_shot_36way"], "guardrails": data["audit"], "table": table,
-              "timings": timings}
+    report = {
+        "settings": asdict(settings),
+        "scorer_accuracy": t["accuracy"],
+        "encoder_zero_shot": enc["zero_shot_36way"],
+        "guardrails": data["audit"],
+        "table": table,
+        "timings": timings,
+    }
     atomic_write_json(out / "report.json", report, sort_keys=False)
-    md = (markdown(table, settings, timings) + "\n### Entropy probe (seed 0 checkpoints; probe.png)\n\n"
-          + probe_compare(probe_results))
+    md = (
+        markdown(table, settings, timings)
+        + "\n### Entropy probe (seed 0 checkpoints; probe.png)\n\n"
+        + probe_compare(probe_results)
+    )
     atomic_write_text(out / "report.md", md)
-    picture(out, {"before": "before", "RecA (seed 0)": f"reca-seed{seed0}", "control (seed 0)": f"control-seed{seed0}"},
-            out / "rare_pairs.png", per_cell=min(4, settings.samples))
+    picture(
+        out,
+        {"before": "before", "RecA (seed 0)": f"reca-seed{seed0}", "control (seed 0)": f"control-seed{seed0}"},
+        out / "rare_pairs.png",
+        per_cell=min(4, settings.samples),
+    )
     print(md)
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--quick", action="store_true",
-                   help="the reduced run of the test suite (minutes → seconds; numbers meaningless)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the reduced run of the test suite (minutes → seconds; numbers meaningless)",
+    )
     p.add_argument("--lora", action="store_true", help="RecA and control with LoRA instead of full fine-tuning")
     a = p.parse_args(argv)
     settings = DemoSettings.quick() if a.quick else DemoSettings()

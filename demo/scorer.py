@@ -40,10 +40,17 @@ class ShapeNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-            nn.Flatten(), nn.Linear(256, len(SHAPES)),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(256, len(SHAPES)),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,8 +124,9 @@ class WorldScorer:
         rows = []
         for im, ps, s, c in zip(images, predicted, shapes, colours):
             pc = palette_colour(im) or "none"  # an empty image has no colour
-            rows.append({"shape": ps, "colour": pc, "shape_ok": ps == s, "colour_ok": pc == c,
-                         "correct": ps == s and pc == c})
+            rows.append(
+                {"shape": ps, "colour": pc, "shape_ok": ps == s, "colour_ok": pc == c, "correct": ps == s and pc == c}
+            )
         return rows
 
     def score(self, image: Image.Image, prompt) -> dict:

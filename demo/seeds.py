@@ -45,7 +45,7 @@ def finetune_seed(seed: int) -> int:
 def understanding_seeds(tag: str, pair_index: int, renders: int) -> list[int]:
     """Render seeds of the ``renders`` real images of pair ``pair_index`` of ``pairs(tag)`` used for
     understanding; for rare pairs they are also the reconstruction renders and their sampling seeds."""
-    seeds = SEEDS["eval_renders"][pair_index * renders:(pair_index + 1) * renders]
+    seeds = SEEDS["eval_renders"][pair_index * renders : (pair_index + 1) * renders]
     return [seed + CANONICAL_RENDER_OFFSET if tag == "canonical" else seed for seed in seeds]
 
 

@@ -27,12 +27,24 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "purple": (0.62, 0.20, 0.85),
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
-CANONICAL: dict[str, str] = {"circle": "red", "square": "blue", "triangle": "green", "star": "yellow",
-                             "cross": "purple", "ring": "orange"}
+CANONICAL: dict[str, str] = {
+    "circle": "red",
+    "square": "blue",
+    "triangle": "green",
+    "star": "yellow",
+    "cross": "purple",
+    "ring": "orange",
+}
 MAX_TILT = 0.2  # radians (about 11 degrees) of tilt for shapes without rotational symmetry
 # Evaluated rare pairs: one counter-canonical colour per shape (each colour used once).
-RARE: dict[str, str] = {"circle": "blue", "square": "yellow", "triangle": "purple", "star": "red", "cross": "orange",
-                        "ring": "green"}
+RARE: dict[str, str] = {
+    "circle": "blue",
+    "square": "yellow",
+    "triangle": "purple",
+    "star": "red",
+    "cross": "orange",
+    "ring": "green",
+}
 
 
 @dataclass(frozen=True)

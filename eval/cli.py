@@ -91,16 +91,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompts = load_prompts(args.prompts)
     config, cfg, adapter, _ = model_from_args(args, args.device or _default_device())
-    info = describe_model(adapter, args.checkpoint, config=config, config_sha256=sha256_file(config),
-                          overrides=list(args.overrides), resolved_config=to_dict(cfg))
+    info = describe_model(
+        adapter,
+        args.checkpoint,
+        config=config,
+        config_sha256=sha256_file(config),
+        overrides=list(args.overrides),
+        resolved_config=to_dict(cfg),
+    )
     files = [f for f in prompt_source_files(args.prompts) if f.is_file()]
     source = {"spec": str(args.prompts), "files": {str(f): sha256_file(f) for f in files}}
     guidance = args.guidance if args.guidance is not None else cfg.train.guidance_scale
     steps = args.steps if args.steps is not None else cfg.train.sample_steps
     with torch.inference_mode():
-        stats = generate(adapter, prompts, args.out, n_images=args.n, seed=args.seed, guidance_scale=guidance,
-                         num_steps=steps, batch_size=args.batch_size, model_info=info, prompts_source=source,
-                         progress=lambda msg: log.info(msg))
+        stats = generate(
+            adapter,
+            prompts,
+            args.out,
+            n_images=args.n,
+            seed=args.seed,
+            guidance_scale=guidance,
+            num_steps=steps,
+            batch_size=args.batch_size,
+            model_info=info,
+            prompts_source=source,
+            progress=lambda msg: log.info(msg),
+        )
     print(f"{args.out}: {stats.written} images written, {stats.skipped} already there ({stats.prompts} prompts)")
     return 0
 
@@ -112,8 +128,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     kwargs = _kv(args.scorer_arg, "--scorer-arg")
     device = args.device or _default_device()
     if args.scorer == "clip":
-        kwargs = {"name": args.clip_model, "pretrained": args.clip_pretrained, "device": device,
-                  "mask_background": args.mask_background, **kwargs}
+        kwargs = {
+            "name": args.clip_model,
+            "pretrained": args.clip_pretrained,
+            "device": device,
+            "mask_background": args.mask_background,
+            **kwargs,
+        }
     elif args.scorer == "vqa":
         _, _, adapter, encoder = model_from_args(args, device)
         kwargs = {"adapter": adapter, "encoder": encoder, **kwargs}
@@ -122,8 +143,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.wandb:
         import wandb
 
-        run = wandb.init(project=args.wandb_project, job_type="eval",
-                         config={"run": str(args.run), "scorer": scorer.name})
+        run = wandb.init(
+            project=args.wandb_project, job_type="eval", config={"run": str(args.run), "scorer": scorer.name}
+        )
         log_wandb(results, run)
         run.finish()
     for tag, c in results["categories"].items():
@@ -136,8 +158,15 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from eval.report import compare
 
-    result = compare(args.before, args.after, args.out, scorer=args.scorer, n_boot=args.bootstrap, seed=args.seed,
-                     grids=not args.no_grids)
+    result = compare(
+        args.before,
+        args.after,
+        args.out,
+        scorer=args.scorer,
+        n_boot=args.bootstrap,
+        seed=args.seed,
+        grids=not args.no_grids,
+    )
     for tag, c in result["categories"].items():
         print(f"{tag}\t{100 * c['before']:.1f} → {100 * c['after']:.1f}\t{100 * c['delta']:+.1f}")
     print(f"summary: {Path(args.out) / 'compare.md'}")
@@ -149,8 +178,14 @@ def cmd_gap(args: argparse.Namespace) -> int:
     from eval.scorers import VQAScorer
 
     _, _, adapter, encoder = model_from_args(args, args.device or _default_device())
-    result = understanding_gap(args.labels, VQAScorer(adapter, encoder), args.generation, out_dir=args.out,
-                               n_boot=args.bootstrap, seed=args.seed)
+    result = understanding_gap(
+        args.labels,
+        VQAScorer(adapter, encoder),
+        args.generation,
+        out_dir=args.out,
+        n_boot=args.bootstrap,
+        seed=args.seed,
+    )
     for cat, c in result["categories"].items():
         u = "-" if c["understanding"] is None else f"{100 * c['understanding']:.1f}"
         g = "-" if c["generation"] is None else f"{100 * c['generation']:.1f}"
@@ -162,8 +197,9 @@ def cmd_gap(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reca-eval",
-                                description="attribute-binding evaluation for unified multimodal models")
+    p = argparse.ArgumentParser(
+        prog="reca-eval", description="attribute-binding evaluation for unified multimodal models"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -192,16 +228,19 @@ def parser() -> argparse.ArgumentParser:
     model_args(sp)
     sp.set_defaults(func=cmd_generate)
 
-    sp = sub.add_parser("score",
-                        help="score a run; writes <run>/scores/<scorer>/{scores.jsonl,results.json,results.md}")
+    sp = sub.add_parser(
+        "score", help="score a run; writes <run>/scores/<scorer>/{scores.jsonl,results.json,results.md}"
+    )
     sp.add_argument("--run", required=True, help="run directory (GenEval layout)")
     sp.add_argument("--scorer", required=True, help="clip, vqa, palette or package.module:Factory")
-    sp.add_argument("--scorer-arg", action="append", default=[],
-                    help="key=value passed to the scorer factory (repeatable)")
+    sp.add_argument(
+        "--scorer-arg", action="append", default=[], help="key=value passed to the scorer factory (repeatable)"
+    )
     sp.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name (GenEval: ViT-L-14)")
     sp.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag or local weights file")
-    sp.add_argument("--mask-background", action="store_true",
-                    help="clip: judge colour on the foreground pasted on #999")
+    sp.add_argument(
+        "--mask-background", action="store_true", help="clip: judge colour on the foreground pasted on #999"
+    )
     sp.add_argument("--out", help="output dir (default <run>/scores/<scorer>)")
     sp.add_argument("--wandb", action="store_true", help="log a wandb.Table (offline without an API key)")
     sp.add_argument("--wandb-project", default="reca", help="wandb project")

@@ -114,8 +114,9 @@ def _trajectory(kind: str, traces: Sequence[Trace], n_resamples: int, ci_seed: i
                 rows.append([renyi_entropy(layer[: t.prompt_len], **s) for layer in t.layers])
                 n, n_all = n_p, n_p
             else:
-                rows.append([conditional_entropy(layer[: t.prompt_len], layer[t.prompt_len:], **s)
-                             for layer in t.layers])
+                rows.append(
+                    [conditional_entropy(layer[: t.prompt_len], layer[t.prompt_len :], **s) for layer in t.layers]
+                )
                 n = _n_used(t.layers[0].shape[0] - t.prompt_len, 0, s["max_tokens"])
                 n_all = n_p + n
             n_tokens.append(n)
@@ -125,8 +126,9 @@ def _trajectory(kind: str, traces: Sequence[Trace], n_resamples: int, ci_seed: i
     return {"kind": kind, "settings": settings, "modalities": modalities}
 
 
-def encoding_trajectory(traces: Sequence[Trace], *, n_resamples: int = 1000, ci_seed: int = 0,
-                        **entropy_kw: Any) -> dict:
+def encoding_trajectory(
+    traces: Sequence[Trace], *, n_resamples: int = 1000, ci_seed: int = 0, **entropy_kw: Any
+) -> dict:
     """H_α of each trace's prompt tokens at every layer, grouped by prompt modality:
     ``{"kind", "settings", "modalities": {m: {"depth", "mean", "lo", "hi", "mean_normalised", ...,
     "per_prompt" (prompts × layers), "n_tokens", "normaliser" (log n per prompt)}}}``.
@@ -134,8 +136,9 @@ def encoding_trajectory(traces: Sequence[Trace], *, n_resamples: int = 1000, ci_
     return _trajectory("encoding", traces, n_resamples, ci_seed, entropy_kw)
 
 
-def response_trajectory(traces: Sequence[Trace], *, n_resamples: int = 1000, ci_seed: int = 0,
-                        **entropy_kw: Any) -> dict:
+def response_trajectory(
+    traces: Sequence[Trace], *, n_resamples: int = 1000, ci_seed: int = 0, **entropy_kw: Any
+) -> dict:
     """Ĥ(Z_r | Z_p) at every layer (:func:`eval.entropy.conditional_entropy`), grouped by the
     generated modality; same layout as :func:`encoding_trajectory` (``n_tokens`` = response tokens,
     ``normaliser`` = log of prompt + response tokens). Every trace needs ≥1 response token."""
@@ -170,8 +173,9 @@ def _gap_ci(text: np.ndarray, image: np.ndarray, signed: bool, B: int, rng: np.r
     return _ci(_gap(text.mean(0), image.mean(0), signed), reps, n_text=len(text), n_image=len(image))
 
 
-def _length_matched(text: np.ndarray, image: np.ndarray, nt: np.ndarray, ni: np.ndarray, signed: bool,
-                    B: int, rng: np.random.Generator) -> dict | None:
+def _length_matched(
+    text: np.ndarray, image: np.ndarray, nt: np.ndarray, ni: np.ndarray, signed: bool, B: int, rng: np.random.Generator
+) -> dict | None:
     """Gap within power-of-two token-count bins holding both modalities, averaged weighted by the
     bin's prompts; None when no bin holds both."""
     bt, bi = np.floor(np.log2(np.maximum(nt, 1))), np.floor(np.log2(np.maximum(ni, 1)))
@@ -201,29 +205,40 @@ def _summary(traj: Mapping[str, Any], signed: bool, B: int, seed: int) -> dict:
     for suffix, v in (("", raw), ("_normalised", normed)):
         out[f"final{suffix}"] = {
             m: dict(zip(("value", "lo", "hi"), bootstrap_ci(x[:, -1], B, LEVEL, int(rng.integers(2**31)))))
-            for m, x in v.items()}
+            for m, x in v.items()
+        }
     both = all(m in raw for m in MODALITIES)
     out["gap"] = _gap_ci(raw["text"], raw["image"], signed, B, rng) if both else None
     out["gap_normalised"] = _gap_ci(normed["text"], normed["image"], signed, B, rng) if both else None
-    out["gap_length_matched"] = (_length_matched(raw["text"], raw["image"], n["text"], n["image"], signed, B, rng)
-                                 if both else None)
+    out["gap_length_matched"] = (
+        _length_matched(raw["text"], raw["image"], n["text"], n["image"], signed, B, rng) if both else None
+    )
     return out
 
 
-def summarise(encoding: Mapping[str, Any] | None, response: Mapping[str, Any] | None, *,
-              n_resamples: int = 1000, seed: int = 0) -> dict:
+def summarise(
+    encoding: Mapping[str, Any] | None, response: Mapping[str, Any] | None, *, n_resamples: int = 1000, seed: int = 0
+) -> dict:
     """Scalar summaries with percentile-bootstrap 95% CIs over prompts:
     ``{"encoding": {"gap", "gap_normalised", "gap_length_matched", "final", "final_normalised"},
     "response": {...}, "ci": {...}}``. Encoding gap = mean over depth of |H_img − H_txt|; response
     gap = mean over depth of Ĥ_text − Ĥ_img (signed: > 0 is the pattern-split response). A gap is
     None when a modality is missing; each gap is ``{"value", "lo", "hi", ...}``."""
-    return {"encoding": _summary(encoding, False, n_resamples, seed) if encoding else None,
-            "response": _summary(response, True, n_resamples, seed + 1) if response else None,
-            "ci": {"level": LEVEL, "n_resamples": n_resamples, "seed": seed, "unit": "prompt", "method": "percentile"}}
+    return {
+        "encoding": _summary(encoding, False, n_resamples, seed) if encoding else None,
+        "response": _summary(response, True, n_resamples, seed + 1) if response else None,
+        "ci": {"level": LEVEL, "n_resamples": n_resamples, "seed": seed, "unit": "prompt", "method": "percentile"},
+    }
 
 
-def analyse(encoding_traces: Sequence[Trace], response_traces: Sequence[Trace] = (), *,
-            n_resamples: int = 1000, ci_seed: int = 0, **entropy_kw: Any) -> dict:
+def analyse(
+    encoding_traces: Sequence[Trace],
+    response_traces: Sequence[Trace] = (),
+    *,
+    n_resamples: int = 1000,
+    ci_seed: int = 0,
+    **entropy_kw: Any,
+) -> dict:
     """Both trajectories (either list may be empty → None) and their :func:`summarise`; the dict
     :func:`save_json`, :func:`plot` and :func:`compare` take."""
     kw = {"n_resamples": n_resamples, "ci_seed": ci_seed, **entropy_kw}
@@ -263,8 +278,10 @@ def plot(results: Mapping[str, Mapping[str, Any]], path: str | Path) -> None:
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     unit = _unit(results)
-    panels = (("encoding", f"prompt entropy $H_\\alpha$ ({unit})", "Encoding"),
-              ("response", f"response proxy $\\hat H(Z_r|Z_p)$ ({unit})", "Response"))
+    panels = (
+        ("encoding", f"prompt entropy $H_\\alpha$ ({unit})", "Encoding"),
+        ("response", f"response proxy $\\hat H(Z_r|Z_p)$ ({unit})", "Response"),
+    )
     for ax, (part, ylabel, title) in zip(fig.subplots(1, 2), panels):
         drawn = False
         for k, (name, result) in enumerate(results.items()):
@@ -291,16 +308,18 @@ def _cell(x: Mapping[str, Any] | None) -> str:
 
 def compare(results: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown table of the summaries, one column per checkpoint (value [95% CI])."""
-    rows = [("encoding", "gap", "encoding gap mean\\|H_img − H_txt\\|"),
-            ("encoding", "gap_normalised", "encoding gap, H / log n"),
-            ("encoding", "gap_length_matched", "encoding gap, length-matched"),
-            ("encoding", "final.text", "final-layer H, text prompts"),
-            ("encoding", "final.image", "final-layer H, image prompts"),
-            ("response", "gap", "response gap mean(Ĥ_text − Ĥ_img)"),
-            ("response", "gap_normalised", "response gap, Ĥ / log n"),
-            ("response", "gap_length_matched", "response gap, length-matched"),
-            ("response", "final.text", "final-layer Ĥ, text generation"),
-            ("response", "final.image", "final-layer Ĥ, image generation")]
+    rows = [
+        ("encoding", "gap", "encoding gap mean\\|H_img − H_txt\\|"),
+        ("encoding", "gap_normalised", "encoding gap, H / log n"),
+        ("encoding", "gap_length_matched", "encoding gap, length-matched"),
+        ("encoding", "final.text", "final-layer H, text prompts"),
+        ("encoding", "final.image", "final-layer H, image prompts"),
+        ("response", "gap", "response gap mean(Ĥ_text − Ĥ_img)"),
+        ("response", "gap_normalised", "response gap, Ĥ / log n"),
+        ("response", "gap_length_matched", "response gap, length-matched"),
+        ("response", "final.text", "final-layer Ĥ, text generation"),
+        ("response", "final.image", "final-layer Ĥ, image generation"),
+    ]
     names = list(results)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for part, key, label in rows:
@@ -321,8 +340,14 @@ def compare(results: Mapping[str, Mapping[str, Any]]) -> str:
 # --------------------------------------------------------------------------- traces from a model
 
 
-def collect_traces(adapter: Any, encoder: Any, texts: Sequence[str], images: Sequence[Any], captions: Sequence[str],
-                   question: str = "Describe the image.") -> tuple[list[Trace], list[Trace]]:
+def collect_traces(
+    adapter: Any,
+    encoder: Any,
+    texts: Sequence[str],
+    images: Sequence[Any],
+    captions: Sequence[str],
+    question: str = "Describe the image.",
+) -> tuple[list[Trace], list[Trace]]:
     """(encoding traces, response traces) from an adapter with ``hidden_states`` (reca.adapter.Traceable).
 
     Encoding: text prompts ``texts``; image prompts = the frozen encoder's tokens of ``images`` with
@@ -339,8 +364,9 @@ def collect_traces(adapter: Any, encoder: Any, texts: Sequence[str], images: Seq
     semantic = encoder.encode(list(images))
     text_runs = adapter.hidden_states(Condition(texts=list(texts)))
     image_runs = adapter.hidden_states(Condition(semantic=semantic, instructions=[""] * len(images)))
-    caption_runs = adapter.hidden_states(Condition(semantic=semantic, instructions=[question] * len(images)),
-                                         answers=list(captions))
+    caption_runs = adapter.hidden_states(
+        Condition(semantic=semantic, instructions=[question] * len(images)), answers=list(captions)
+    )
     encoding = [Trace([h[:n] for h in layers], n, "text") for layers, n in text_runs]
     encoding += [Trace([h[:n] for h in layers], n, "image") for layers, n in image_runs]
     response = [Trace(layers, n, "image") for layers, n in text_runs]

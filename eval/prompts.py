@@ -151,9 +151,15 @@ def load_t2i_compbench(path_or_dir: str | Path, categories: Sequence[str] = T2I_
             text = raw.strip()
             if not text:
                 continue
-            prompts.append(Prompt(index=len(prompts), prompt=text, tag=category,
-                                  include=parse_attribute_phrases(text, category),
-                                  extra={"source": f"{file.name}:{lineno}"}))
+            prompts.append(
+                Prompt(
+                    index=len(prompts),
+                    prompt=text,
+                    tag=category,
+                    include=parse_attribute_phrases(text, category),
+                    extra={"source": f"{file.name}:{lineno}"},
+                )
+            )
     if not prompts:
         raise EvalError(f"{path}: contains no prompts")
     return prompts
@@ -174,8 +180,11 @@ def load_prompts(spec: str | Path) -> list[Prompt]:
         return load_geneval(path)
     if path.suffix == ".txt":
         return load_t2i_compbench(path)
-    raise EvalError(f"--prompts {spec}: expected 'builtin', 'geneval', 't2i-compbench', a .jsonl (GenEval schema), a .txt or a directory of "
-                    "T2I-CompBench files")
+    raise EvalError(
+        f"--prompts {spec}: expected 'builtin', 'geneval', 't2i-compbench', a .jsonl (GenEval schema), a .txt or a "
+        "directory of "
+        "T2I-CompBench files"
+    )
 
 
 def prompt_source_files(spec: str | Path) -> list[Path]:

@@ -66,9 +66,17 @@ def per_prompt(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for index in sorted(groups):
         g = groups[index]
         n_correct = sum(bool(r["correct"]) for r in g)
-        out.append({"index": index, "tag": g[0]["tag"], "prompt": g[0]["prompt"], "n_images": len(g),
-                    "n_correct": n_correct, "accuracy": n_correct / len(g),
-                    "n_unverified": sum(bool(r.get("unverified", False)) for r in g)})
+        out.append(
+            {
+                "index": index,
+                "tag": g[0]["tag"],
+                "prompt": g[0]["prompt"],
+                "n_images": len(g),
+                "n_correct": n_correct,
+                "accuracy": n_correct / len(g),
+                "n_unverified": sum(bool(r.get("unverified", False)) for r in g),
+            }
+        )
     return out
 
 
@@ -95,15 +103,29 @@ def aggregate(rows: Iterable[Mapping[str, Any]], *, n_boot: int = 1000, seed: in
         boot = resampled_accuracy(correct, total, idx[tag])
         replicates.append(boot)
         k, n = int(correct.sum()), int(total.sum())
-        categories[tag] = {"accuracy": k / n, "ci95": percentile_interval(boot), "wilson95": wilson_interval(k, n),
-                           "n_prompts": len(g), "n_images": n, "n_correct": k,
-                           "n_unverified": sum(p["n_unverified"] for p in g)}
+        categories[tag] = {
+            "accuracy": k / n,
+            "ci95": percentile_interval(boot),
+            "wilson95": wilson_interval(k, n),
+            "n_prompts": len(g),
+            "n_images": n,
+            "n_correct": k,
+            "n_unverified": sum(p["n_unverified"] for p in g),
+        }
     overall_boot = np.mean(replicates, axis=0)
-    overall = {"accuracy": float(np.mean([c["accuracy"] for c in categories.values()])),
-               "ci95": percentile_interval(overall_boot), "definition": "unweighted mean over categories",
-               "n_prompts": len(prompts), "n_images": sum(p["n_images"] for p in prompts)}
-    return {"categories": categories, "overall": overall, "prompts": prompts,
-            "bootstrap": {"n": n_boot, "seed": seed, "unit": "prompt", "level": 0.95}}
+    overall = {
+        "accuracy": float(np.mean([c["accuracy"] for c in categories.values()])),
+        "ci95": percentile_interval(overall_boot),
+        "definition": "unweighted mean over categories",
+        "n_prompts": len(prompts),
+        "n_images": sum(p["n_images"] for p in prompts),
+    }
+    return {
+        "categories": categories,
+        "overall": overall,
+        "prompts": prompts,
+        "bootstrap": {"n": n_boot, "seed": seed, "unit": "prompt", "level": 0.95},
+    }
 
 
 # --------------------------------------------------------------------------- scoring a run
@@ -114,8 +136,9 @@ def scores_dir(run_dir: str | Path, scorer_name: str) -> Path:
     return Path(run_dir) / SCORES_DIR / safe
 
 
-def score_run(run_dir: str | Path, scorer: Scorer, *, out_dir: str | Path | None = None,
-              n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def score_run(
+    run_dir: str | Path, scorer: Scorer, *, out_dir: str | Path | None = None, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """Score every image of a GenEval-layout run; write ``scores.jsonl``, ``results.json`` and
     ``results.md`` to ``out_dir`` (default ``<run>/scores/<scorer.name>/``) and return the results.
 
@@ -129,13 +152,18 @@ def score_run(run_dir: str | Path, scorer: Scorer, *, out_dir: str | Path | None
         checks = scorer.score(image, prompt)
         if not isinstance(checks.get("correct"), (bool, np.bool_)):
             raise EvalError(f"scorer '{scorer.name}': score() for {path} returned no boolean 'correct'")
-        row = {"index": prompt.index, "tag": prompt.tag, "prompt": prompt.prompt,
-               "image": path.relative_to(run).as_posix()}
+        row = {
+            "index": prompt.index,
+            "tag": prompt.tag,
+            "prompt": prompt.prompt,
+            "image": path.relative_to(run).as_posix(),
+        }
         try:
             row.update({k: _plain(v) for k, v in sorted(checks.items())})
         except TypeError as e:
-            raise EvalError(f"scorer '{scorer.name}': score() for {path} returned a {e} value; "
-                            "use bool, float or str") from None
+            raise EvalError(
+                f"scorer '{scorer.name}': score() for {path} returned a {e} value; use bool, float or str"
+            ) from None
         rows.append(row)
     results = aggregate(rows, n_boot=n_boot, seed=seed)
     manifest = read_manifest(run)
@@ -160,25 +188,38 @@ def _ci(ci: Sequence[float]) -> str:
 
 def results_markdown(results: Mapping[str, Any]) -> str:
     gen = results.get("generation") or {}
-    model = (gen.get("model") or {})
-    lines = [f"# reca-eval: {results.get('run', '')}", "",
-             f"Scorer `{results.get('scorer', '?')}`; model `{model.get('adapter', '?')}`"
-             + (f", checkpoint `{model['checkpoint']}`" if model.get("checkpoint") else "")
-             + f"; {gen.get('n_images', '?')} images per prompt, seed {gen.get('seed', '?')}, "
-               f"guidance {gen.get('guidance_scale', '?')}, {gen.get('num_steps', '?')} steps.", "",
-             "Accuracy in %. CI: 95% bootstrap over prompts; Wilson: 95% over images "
-             "(treats images as independent).", "",
-             "| category | accuracy | CI | Wilson | prompts | images | unverified |",
-             "|---|---|---|---|---|---|---|"]
+    model = gen.get("model") or {}
+    lines = [
+        f"# reca-eval: {results.get('run', '')}",
+        "",
+        f"Scorer `{results.get('scorer', '?')}`; model `{model.get('adapter', '?')}`"
+        + (f", checkpoint `{model['checkpoint']}`" if model.get("checkpoint") else "")
+        + f"; {gen.get('n_images', '?')} images per prompt, seed {gen.get('seed', '?')}, "
+        f"guidance {gen.get('guidance_scale', '?')}, {gen.get('num_steps', '?')} steps.",
+        "",
+        "Accuracy in %. CI: 95% bootstrap over prompts; Wilson: 95% over images (treats images as independent).",
+        "",
+        "| category | accuracy | CI | Wilson | prompts | images | unverified |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for tag, c in results["categories"].items():
-        lines.append(f"| {tag} | {_pct(c['accuracy'])} | {_ci(c['ci95'])} | {_ci(c['wilson95'])} | {c['n_prompts']} "
-                     f"| {c['n_images']} | {c['n_unverified']} |")
+        lines.append(
+            f"| {tag} | {_pct(c['accuracy'])} | {_ci(c['ci95'])} | {_ci(c['wilson95'])} | {c['n_prompts']} "
+            f"| {c['n_images']} | {c['n_unverified']} |"
+        )
     o = results["overall"]
-    lines += [f"| **overall** (mean of categories) | **{_pct(o['accuracy'])}** | {_ci(o['ci95'])} | "
-              f"| {o['n_prompts']} | {o['n_images']} | |",
-              "", "`unverified`: images whose prompt asks for something this scorer cannot check (count, position, "
-              "an unknown attribute); their `correct` covers the rest.", "",
-              "## Per prompt", "", "| # | category | prompt | correct |", "|---|---|---|---|"]
+    lines += [
+        f"| **overall** (mean of categories) | **{_pct(o['accuracy'])}** | {_ci(o['ci95'])} | "
+        f"| {o['n_prompts']} | {o['n_images']} | |",
+        "",
+        "`unverified`: images whose prompt asks for something this scorer cannot check (count, position, "
+        "an unknown attribute); their `correct` covers the rest.",
+        "",
+        "## Per prompt",
+        "",
+        "| # | category | prompt | correct |",
+        "|---|---|---|---|",
+    ]
     for p in results["prompts"]:
         lines.append(f"| {p['index']} | {p['tag']} | {p['prompt']} | {p['n_correct']}/{p['n_images']} |")
     return "\n".join(lines) + "\n"
@@ -195,8 +236,10 @@ def find_results(run_dir: str | Path, scorer: str | None = None) -> Path:
     found = sorted((run / SCORES_DIR).glob("*/results.json"))
     if len(found) != 1:
         names = [p.parent.name for p in found]
-        raise EvalError(f"{run}: {'no scored results' if not names else 'several scorers ' + str(names)}; "
-                        f"{'score it first' if not names else 'pick one with --scorer'}")
+        raise EvalError(
+            f"{run}: {'no scored results' if not names else 'several scorers ' + str(names)}; "
+            f"{'score it first' if not names else 'pick one with --scorer'}"
+        )
     return found[0]
 
 
@@ -229,8 +272,9 @@ def log_wandb(results: Mapping[str, Any], run: Any = None, *, prefix: str = "eva
         log.info("no active wandb run (call wandb.init or pass --wandb); evaluation results not logged to wandb")
         return False
     columns = ["index", "category", "prompt", "n_correct", "n_images", "accuracy"]
-    rows = [[p["index"], p["tag"], p["prompt"], p["n_correct"], p["n_images"], p["accuracy"]]
-            for p in results["prompts"]]
+    rows = [
+        [p["index"], p["tag"], p["prompt"], p["n_correct"], p["n_images"], p["accuracy"]] for p in results["prompts"]
+    ]
     table = wandb.Table(columns=columns, data=rows)
     data: dict[str, Any] = {f"{prefix}/{tag}": c["accuracy"] for tag, c in results["categories"].items()}
     data[f"{prefix}/overall"] = results["overall"]["accuracy"]
@@ -260,8 +304,13 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + ([line] if line else [])
 
 
-def side_by_side(before: Sequence[Path], after: Sequence[Path], title: str,
-                 labels: tuple[str, str] = ("before", "after"), tile: int = 128) -> Image.Image:
+def side_by_side(
+    before: Sequence[Path],
+    after: Sequence[Path],
+    title: str,
+    labels: tuple[str, str] = ("before", "after"),
+    tile: int = 128,
+) -> Image.Image:
     """Before row | after row, the prompt as title, each row labelled on the left."""
     cols = max(len(before), len(after), 1)
     label_w, font = 70, _font(12)
@@ -280,22 +329,34 @@ def side_by_side(before: Sequence[Path], after: Sequence[Path], title: str,
     return canvas
 
 
-def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, scorer: str | None = None,
-            n_boot: int = 1000, seed: int = 0, grids: bool = True) -> dict[str, Any]:
+def compare(
+    run_a: str | Path,
+    run_b: str | Path,
+    out_dir: str | Path,
+    *,
+    scorer: str | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    grids: bool = True,
+) -> dict[str, Any]:
     """Before (``run_a``) vs after (``run_b``): per-category deltas with paired-bootstrap 95% CIs
     over the prompts both runs share, a side-by-side PNG per prompt, ``compare.md``/``compare.json``."""
     before_path, after_path = find_results(run_a, scorer), find_results(run_b, scorer)
     before, after = load_results(before_path), load_results(after_path)
     if before.get("scorer") != after.get("scorer"):
-        raise EvalError(f"{before_path} and {after_path}: scored by different scorers "
-                        f"({before.get('scorer')} vs {after.get('scorer')}); deltas would be meaningless")
+        raise EvalError(
+            f"{before_path} and {after_path}: scored by different scorers "
+            f"({before.get('scorer')} vs {after.get('scorer')}); deltas would be meaningless"
+        )
     pa = {p["index"]: p for p in before["prompts"]}
     pb = {p["index"]: p for p in after["prompts"]}
     common = sorted(set(pa) & set(pb))
     for i in common:
         if pa[i]["prompt"] != pb[i]["prompt"] or pa[i]["tag"] != pb[i]["tag"]:
-            raise EvalError(f"prompt {i}: '{pa[i]['prompt']}' in {run_a} but '{pb[i]['prompt']}' in {run_b}; "
-                            "not the same prompt set")
+            raise EvalError(
+                f"prompt {i}: '{pa[i]['prompt']}' in {run_a} but '{pb[i]['prompt']}' in {run_b}; "
+                "not the same prompt set"
+            )
     if not common:
         raise EvalError(f"{run_a} and {run_b} share no prompts")
     groups: dict[str, list[int]] = defaultdict(list)
@@ -313,27 +374,56 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, scorer
             stats.append((correct.sum() / total.sum(), resampled_accuracy(correct, total, idx[tag])))
         delta_boot = stats[1][1] - stats[0][1]
         deltas.append(delta_boot)
-        categories[tag] = {"before": float(stats[0][0]), "after": float(stats[1][0]),
-                           "delta": float(stats[1][0] - stats[0][0]), "delta_ci95": percentile_interval(delta_boot),
-                           "n_prompts": len(members)}
-    overall = {"before": float(np.mean([c["before"] for c in categories.values()])),
-               "after": float(np.mean([c["after"] for c in categories.values()]))}
+        categories[tag] = {
+            "before": float(stats[0][0]),
+            "after": float(stats[1][0]),
+            "delta": float(stats[1][0] - stats[0][0]),
+            "delta_ci95": percentile_interval(delta_boot),
+            "n_prompts": len(members),
+        }
+    overall = {
+        "before": float(np.mean([c["before"] for c in categories.values()])),
+        "after": float(np.mean([c["after"] for c in categories.values()])),
+    }
     overall["delta"] = overall["after"] - overall["before"]
     overall["delta_ci95"] = percentile_interval(np.mean(deltas, axis=0))
-    result = {"before": str(run_a), "after": str(run_b), "scorer": before.get("scorer"), "categories": categories,
-              "overall": overall, "only_before": sorted(set(pa) - set(pb)), "only_after": sorted(set(pb) - set(pa)),
-              "prompts": [{"index": i, "tag": pa[i]["tag"], "prompt": pa[i]["prompt"], "before": pa[i]["accuracy"],
-                           "after": pb[i]["accuracy"]} for i in common],
-              "bootstrap": {"n": n_boot, "seed": seed, "unit": "prompt", "paired": True, "level": 0.95}}
+    result = {
+        "before": str(run_a),
+        "after": str(run_b),
+        "scorer": before.get("scorer"),
+        "categories": categories,
+        "overall": overall,
+        "only_before": sorted(set(pa) - set(pb)),
+        "only_after": sorted(set(pb) - set(pa)),
+        "prompts": [
+            {
+                "index": i,
+                "tag": pa[i]["tag"],
+                "prompt": pa[i]["prompt"],
+                "before": pa[i]["accuracy"],
+                "after": pb[i]["accuracy"],
+            }
+            for i in common
+        ],
+        "bootstrap": {"n": n_boot, "seed": seed, "unit": "prompt", "paired": True, "level": 0.95},
+    }
     out = Path(out_dir)
     if grids:
-        runs = {str(run_a): {rp.prompt.index: rp for rp in load_run(run_a)},
-                str(run_b): {rp.prompt.index: rp for rp in load_run(run_b)}}
+        runs = {
+            str(run_a): {rp.prompt.index: rp for rp in load_run(run_a)},
+            str(run_b): {rp.prompt.index: rp for rp in load_run(run_b)},
+        }
         for i in common:
-            labels = (f"before {pa[i]['n_correct']}/{pa[i]['n_images']}",
-                      f"after {pb[i]['n_correct']}/{pb[i]['n_images']}")
-            img = side_by_side(runs[str(run_a)][i].images, runs[str(run_b)][i].images,
-                               f"[{pa[i]['tag']}] {pa[i]['prompt']}", labels=labels)
+            labels = (
+                f"before {pa[i]['n_correct']}/{pa[i]['n_images']}",
+                f"after {pb[i]['n_correct']}/{pb[i]['n_images']}",
+            )
+            img = side_by_side(
+                runs[str(run_a)][i].images,
+                runs[str(run_b)][i].images,
+                f"[{pa[i]['tag']}] {pa[i]['prompt']}",
+                labels=labels,
+            )
             save_png(out / "grids" / f"{i:05d}.png", img)
     atomic_write_json(out / "compare.json", result)
     atomic_write_text(out / "compare.md", compare_markdown(result))
@@ -341,24 +431,42 @@ def compare(run_a: str | Path, run_b: str | Path, out_dir: str | Path, *, scorer
 
 
 def compare_markdown(result: Mapping[str, Any]) -> str:
-    lines = [f"# reca-eval compare (scorer `{result['scorer']}`)", "", f"- before: `{result['before']}`",
-             f"- after: `{result['after']}`", "",
-             "Accuracy in %; delta CI: 95% paired bootstrap over prompts.", "",
-             "| category | before | after | delta | delta CI | prompts |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# reca-eval compare (scorer `{result['scorer']}`)",
+        "",
+        f"- before: `{result['before']}`",
+        f"- after: `{result['after']}`",
+        "",
+        "Accuracy in %; delta CI: 95% paired bootstrap over prompts.",
+        "",
+        "| category | before | after | delta | delta CI | prompts |",
+        "|---|---|---|---|---|---|",
+    ]
     for tag, c in result["categories"].items():
-        lines.append(f"| {tag} | {_pct(c['before'])} | {_pct(c['after'])} | {100 * c['delta']:+.1f} "
-                     f"| {_ci(c['delta_ci95'])} | {c['n_prompts']} |")
+        lines.append(
+            f"| {tag} | {_pct(c['before'])} | {_pct(c['after'])} | {100 * c['delta']:+.1f} "
+            f"| {_ci(c['delta_ci95'])} | {c['n_prompts']} |"
+        )
     o = result["overall"]
-    lines.append(f"| **overall** | {_pct(o['before'])} | {_pct(o['after'])} | **{100 * o['delta']:+.1f}** "
-                 f"| {_ci(o['delta_ci95'])} | |")
+    lines.append(
+        f"| **overall** | {_pct(o['before'])} | {_pct(o['after'])} | **{100 * o['delta']:+.1f}** "
+        f"| {_ci(o['delta_ci95'])} | |"
+    )
     if result["only_before"] or result["only_after"]:
         lines += ["", f"Not compared (in one run only): before {result['only_before']}, after {result['only_after']}."]
     changed = [p for p in result["prompts"] if p["after"] != p["before"]]
-    lines += ["", "## Prompts that changed", "", "| # | category | prompt | before | after | grid |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Prompts that changed",
+        "",
+        "| # | category | prompt | before | after | grid |",
+        "|---|---|---|---|---|---|",
+    ]
     for p in sorted(changed, key=lambda p: (p["before"] - p["after"], p["index"])):
-        lines.append(f"| {p['index']} | {p['tag']} | {p['prompt']} | {_pct(p['before'])} | {_pct(p['after'])} "
-                     f"| grids/{p['index']:05d}.png |")
+        lines.append(
+            f"| {p['index']} | {p['tag']} | {p['prompt']} | {_pct(p['before'])} | {_pct(p['after'])} "
+            f"| grids/{p['index']:05d}.png |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -379,8 +487,9 @@ def read_labels(path: str | Path) -> list[dict[str, Any]]:
             row["attribute"] = row["color"]
         for key in ("image", "attribute", "object", "category"):
             if not isinstance(row.get(key), str) or not row[key]:
-                raise EvalError(f"{path}:{lineno}: field '{key}' (or 'color' for the attribute) "
-                                "must be a non-empty string")
+                raise EvalError(
+                    f"{path}:{lineno}: field '{key}' (or 'color' for the attribute) must be a non-empty string"
+                )
         row["path"] = (path.parent / row["image"]).resolve()
         rows.append(row)
     if not rows:
@@ -388,8 +497,9 @@ def read_labels(path: str | Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["category"], r["image"]))
 
 
-def understanding_rows(labels: Sequence[Mapping[str, Any]], vqa: VQAScorer, *, contrast: Sequence[str] = COLORS,
-                       threshold: float = 0.5) -> list[dict[str, Any]]:
+def understanding_rows(
+    labels: Sequence[Mapping[str, Any]], vqa: VQAScorer, *, contrast: Sequence[str] = COLORS, threshold: float = 0.5
+) -> list[dict[str, Any]]:
     """Per labelled image: P(yes) for the true attribute and for the wrong one(s); ``understood``
     when P(yes | true) > ``threshold`` and > P(yes | wrong). Wrong = the label's ``wrong`` field,
     else every other attribute of ``contrast`` (the strictest reading; GenEval's colours)."""
@@ -404,15 +514,30 @@ def understanding_rows(labels: Sequence[Mapping[str, Any]], vqa: VQAScorer, *, c
         with Image.open(r["path"]) as im:
             probs = vqa.p_yes(vqa.encode(im.convert("RGB")), questions)
         p_true, p_wrong = probs[0], max(probs[1:])
-        out.append({"image": r["image"], "category": r["category"], "attribute": r["attribute"], "object": r["object"],
-                    "p_yes_true": p_true, "p_yes_wrong": p_wrong,
-                    "understood": bool(p_true > threshold and p_true > p_wrong)})
+        out.append(
+            {
+                "image": r["image"],
+                "category": r["category"],
+                "attribute": r["attribute"],
+                "object": r["object"],
+                "p_yes_true": p_true,
+                "p_yes_wrong": p_wrong,
+                "understood": bool(p_true > threshold and p_true > p_wrong),
+            }
+        )
     return out
 
 
-def understanding_gap(labels_path: str | Path, vqa: VQAScorer, generation: Mapping[str, Any] | str | Path, *,
-                      out_dir: str | Path | None = None, n_boot: int = 1000, seed: int = 0,
-                      threshold: float = 0.5) -> dict[str, Any]:
+def understanding_gap(
+    labels_path: str | Path,
+    vqa: VQAScorer,
+    generation: Mapping[str, Any] | str | Path,
+    *,
+    out_dir: str | Path | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
     """Understanding accuracy per category (labelled images, the UMM as VQA judge) next to
     generation accuracy per category (a scored run's ``results.json`` or run dir), with CIs."""
     gen = dict(generation) if isinstance(generation, Mapping) else load_results(generation)
@@ -428,16 +553,26 @@ def understanding_gap(labels_path: str | Path, vqa: VQAScorer, generation: Mappi
             ok = np.array(by_cat[cat], dtype=float)
             k, n = int(ok.sum()), len(ok)
             boot = resampled_accuracy(ok, np.ones_like(ok), idx[cat])
-            entry.update(understanding=k / n, understanding_ci95=percentile_interval(boot),
-                         understanding_wilson95=wilson_interval(k, n), n_labelled=n)
+            entry.update(
+                understanding=k / n,
+                understanding_ci95=percentile_interval(boot),
+                understanding_wilson95=wilson_interval(k, n),
+                n_labelled=n,
+            )
         if cat in gen["categories"]:
             g = gen["categories"][cat]
             entry.update(generation=g["accuracy"], generation_ci95=g["ci95"], n_generated=g["n_images"])
         if entry["understanding"] is not None and entry["generation"] is not None:
             entry["gap"] = entry["understanding"] - entry["generation"]
         categories[cat] = entry
-    result = {"categories": categories, "rows": rows, "threshold": threshold, "generation_run": gen.get("run"),
-              "scorer": gen.get("scorer"), "bootstrap": {"n": n_boot, "seed": seed, "unit": "image"}}
+    result = {
+        "categories": categories,
+        "rows": rows,
+        "threshold": threshold,
+        "generation_run": gen.get("run"),
+        "scorer": gen.get("scorer"),
+        "bootstrap": {"n": n_boot, "seed": seed, "unit": "image"},
+    }
     if out_dir is not None:
         out = Path(out_dir)
         atomic_write_json(out / "gap.json", result)
@@ -449,15 +584,21 @@ def gap_markdown(result: Mapping[str, Any]) -> str:
     def cell(value: float | None, ci: Sequence[float] | None) -> str:
         return "–" if value is None else f"{_pct(value)} {_ci(ci) if ci else ''}".strip()
 
-    lines = ["# Understanding vs generation", "",
-             f"Understanding: the UMM's P(yes) for the true attribute > {result['threshold']} and > P(yes) for the "
-             f"wrong one(s), on labelled images. Generation: scorer `{result.get('scorer')}` on "
-             f"`{result.get('generation_run')}`. Accuracy in %, 95% bootstrap CIs.", "",
-             "| category | understanding | generation | gap (pts) | labelled | generated |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# Understanding vs generation",
+        "",
+        f"Understanding: the UMM's P(yes) for the true attribute > {result['threshold']} and > P(yes) for the "
+        f"wrong one(s), on labelled images. Generation: scorer `{result.get('scorer')}` on "
+        f"`{result.get('generation_run')}`. Accuracy in %, 95% bootstrap CIs.",
+        "",
+        "| category | understanding | generation | gap (pts) | labelled | generated |",
+        "|---|---|---|---|---|---|",
+    ]
     for cat, c in result["categories"].items():
         gap = "–" if c["gap"] is None else f"{100 * c['gap']:+.1f}"
-        lines.append(f"| {cat} | {cell(c['understanding'], c.get('understanding_ci95'))} "
-                     f"| {cell(c['generation'], c.get('generation_ci95'))} "
-                     f"| {gap} | {c.get('n_labelled', 0)} | {c.get('n_generated', 0)} |")
+        lines.append(
+            f"| {cat} | {cell(c['understanding'], c.get('understanding_ci95'))} "
+            f"| {cell(c['generation'], c.get('generation_ci95'))} "
+            f"| {gap} | {c.get('n_labelled', 0)} | {c.get('n_generated', 0)} |"
+        )
     return "\n".join(lines) + "\n"

@@ -31,8 +31,14 @@ from reca.io import atomic_write, atomic_write_json, atomic_write_text, sha256_f
 MANIFEST = "manifest.json"
 SEED_RULE = "int(sha256(f'reca-eval/{seed}/{prompt_index}/{image_index}').hexdigest()[:8], 16) & 0x7FFFFFFF"
 #: distributions whose versions a manifest records (import name differs for open_clip).
-VERSIONED = {"torch": "torch", "transformers": "transformers", "diffusers": "diffusers",
-             "open_clip": "open_clip_torch", "reca": "reca", "pillow": "pillow"}
+VERSIONED = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "diffusers": "diffusers",
+    "open_clip": "open_clip_torch",
+    "reca": "reca",
+    "pillow": "pillow",
+}
 
 
 # --------------------------------------------------------------------------- small pure helpers
@@ -128,14 +134,18 @@ class GenerateStats:
     paths: list[Path] = field(default_factory=list)  # images written this call
 
 
-def _settings(prompts: Sequence[Prompt], *, seed: int, guidance_scale: float, num_steps: int,
-              model_info: dict) -> dict[str, Any]:
+def _settings(
+    prompts: Sequence[Prompt], *, seed: int, guidance_scale: float, num_steps: int, model_info: dict
+) -> dict[str, Any]:
     """What decides the pixels; a resumed run must match all of it (the prompt set is identified
     by content, so the same file under another path resumes fine)."""
     return {
         "model": model_info,
-        "prompts": {"sha256": prompts_digest(prompts), "count": len(prompts),
-                    "indices": sorted(p.index for p in prompts)},
+        "prompts": {
+            "sha256": prompts_digest(prompts),
+            "count": len(prompts),
+            "indices": sorted(p.index for p in prompts),
+        },
         "seed": seed,
         "seed_rule": SEED_RULE,
         "guidance_scale": guidance_scale,
@@ -146,13 +156,26 @@ def _settings(prompts: Sequence[Prompt], *, seed: int, guidance_scale: float, nu
 def _check_resume(existing: dict, settings: dict, path: Path) -> None:
     for key, value in settings.items():
         if json.loads(json.dumps(existing.get(key))) != json.loads(json.dumps(value)):
-            raise EvalError(f"{path}: '{key}' differs from this call's; refusing to mix two settings in one run "
-                            f"(use a new --out, or delete the folder)")
+            raise EvalError(
+                f"{path}: '{key}' differs from this call's; refusing to mix two settings in one run "
+                f"(use a new --out, or delete the folder)"
+            )
 
 
-def generate(adapter: Any, prompts: Sequence[Prompt], out_dir: str | Path, *, n_images: int = 4, seed: int = 0,
-             guidance_scale: float, num_steps: int, batch_size: int = 8, model_info: dict,
-             prompts_source: dict | None = None, progress: Callable[[str], None] | None = None) -> GenerateStats:
+def generate(
+    adapter: Any,
+    prompts: Sequence[Prompt],
+    out_dir: str | Path,
+    *,
+    n_images: int = 4,
+    seed: int = 0,
+    guidance_scale: float,
+    num_steps: int,
+    batch_size: int = 8,
+    model_info: dict,
+    prompts_source: dict | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> GenerateStats:
     """Draw ``n_images`` per prompt into ``out_dir`` (GenEval layout); skip valid existing images.
 
     ``model_info``: see :func:`describe_model`. ``prompts_source``: extra manifest fields about the
@@ -170,8 +193,7 @@ def generate(adapter: Any, prompts: Sequence[Prompt], out_dir: str | Path, *, n_
     out.mkdir(parents=True, exist_ok=True)
     prompts = sorted(prompts, key=lambda p: p.index)
 
-    settings = _settings(prompts, seed=seed, guidance_scale=guidance_scale, num_steps=num_steps,
-                         model_info=model_info)
+    settings = _settings(prompts, seed=seed, guidance_scale=guidance_scale, num_steps=num_steps, model_info=model_info)
     manifest_path = out / MANIFEST
     previous_n = 0
     if manifest_path.is_file():
@@ -179,10 +201,17 @@ def generate(adapter: Any, prompts: Sequence[Prompt], out_dir: str | Path, *, n_
         _check_resume(existing, settings, manifest_path)
         previous_n = int(existing.get("n_images", 0))
     # Written before any image, so an interrupted run can be resumed and checked.
-    atomic_write_json(manifest_path, {**settings, "n_images": max(n_images, previous_n),
-                                      "prompts_source": prompts_source or {},
-                                      "resolution": getattr(adapter, "resolution", None),
-                                      "layout": "geneval", "versions": versions()})
+    atomic_write_json(
+        manifest_path,
+        {
+            **settings,
+            "n_images": max(n_images, previous_n),
+            "prompts_source": prompts_source or {},
+            "resolution": getattr(adapter, "resolution", None),
+            "layout": "geneval",
+            "versions": versions(),
+        },
+    )
 
     stats = GenerateStats(prompts=len(prompts))
     jobs: list[tuple[Prompt, int]] = []
@@ -199,13 +228,19 @@ def generate(adapter: Any, prompts: Sequence[Prompt], out_dir: str | Path, *, n_
 
     touched: set[int] = set()
     for start in range(0, len(jobs), batch_size):
-        batch = jobs[start:start + batch_size]
+        batch = jobs[start : start + batch_size]
         cond = Condition(texts=[p.prompt for p, _ in batch])
-        images = adapter.generate(cond, seeds=[image_seed(seed, p.index, i) for p, i in batch],
-                                  guidance_scale=guidance_scale, num_steps=num_steps)
+        images = adapter.generate(
+            cond,
+            seeds=[image_seed(seed, p.index, i) for p, i in batch],
+            guidance_scale=guidance_scale,
+            num_steps=num_steps,
+        )
         if len(images) != len(batch) or not all(isinstance(im, Image.Image) for im in images):
-            raise EvalError(f"{adapter_import_path(adapter)}.generate returned {len(images)} objects for "
-                            f"{len(batch)} conditions; expected one PIL image each")
+            raise EvalError(
+                f"{adapter_import_path(adapter)}.generate returned {len(images)} objects for "
+                f"{len(batch)} conditions; expected one PIL image each"
+            )
         for (p, i), im in zip(batch, images):
             path = sample_path(out, p.index, i)
             save_png(path, im)

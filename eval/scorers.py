@@ -38,22 +38,49 @@ from eval.prompts import COLORS, EvalError, Prompt, attribute_of, load_object_na
 Score = dict[str, float | bool | str]
 
 #: GenEval's colour templates (from its evaluate_images.py).
-COLOR_TEMPLATES: tuple[str, ...] = ("a photo of a {c} {obj}", "a photo of a {c}-colored {obj}",
-                                    "a photo of a {c} object")
+COLOR_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {c} {obj}",
+    "a photo of a {c}-colored {obj}",
+    "a photo of a {c} object",
+)
 OBJECT_TEMPLATE = "a photo of a {obj}"
 ATTRIBUTE_TEMPLATE = "a photo of a {a} {obj}"
 #: closed vocabularies for zero-shot attribute checks (T2I-CompBench's shape/texture words + ours).
 ATTRIBUTE_VOCABS: dict[str, tuple[str, ...]] = {
-    "shape": ("round", "circular", "square", "rectangular", "triangular", "oval", "oblong", "spherical", "cubic",
-              "cylindrical", "conical", "pyramidal", "pentagonal", "teardrop", "diamond", "crescent", "star-shaped"),
+    "shape": (
+        "round",
+        "circular",
+        "square",
+        "rectangular",
+        "triangular",
+        "oval",
+        "oblong",
+        "spherical",
+        "cubic",
+        "cylindrical",
+        "conical",
+        "pyramidal",
+        "pentagonal",
+        "teardrop",
+        "diamond",
+        "crescent",
+        "star-shaped",
+    ),
     "texture": ("metallic", "wooden", "glass", "plastic", "rubber", "leather", "fabric", "fluffy", "furry"),
     "size": ("small", "big", "tall", "short", "long"),
 }
 #: reference RGB of GenEval's ten colours, for flat-colour synthetic images (PaletteScorer).
 GENEVAL_PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (230, 25, 25), "orange": (255, 140, 0), "yellow": (255, 225, 25), "green": (40, 160, 40),
-    "blue": (30, 60, 230), "purple": (130, 40, 160), "pink": (255, 150, 200), "brown": (120, 70, 30),
-    "black": (10, 10, 10), "white": (250, 250, 250),
+    "red": (230, 25, 25),
+    "orange": (255, 140, 0),
+    "yellow": (255, 225, 25),
+    "green": (40, 160, 40),
+    "blue": (30, 60, 230),
+    "purple": (130, 40, 160),
+    "pink": (255, 150, 200),
+    "brown": (120, 70, 30),
+    "black": (10, 10, 10),
+    "white": (250, 250, 250),
 }
 GENEVAL_GRAY = (153, 153, 153)  # "#999": the background GenEval pastes object crops on
 
@@ -123,8 +150,9 @@ def foreground_mask(image: Image.Image, threshold: float = 0.15) -> np.ndarray:
     return np.linalg.norm(rgb - background, axis=-1) > threshold
 
 
-def palette_votes(image: Image.Image, palette: Mapping[str, Sequence[int]],
-                  mask: np.ndarray | None = None) -> dict[str, float]:
+def palette_votes(
+    image: Image.Image, palette: Mapping[str, Sequence[int]], mask: np.ndarray | None = None
+) -> dict[str, float]:
     """Share of (masked) pixels whose nearest palette colour (RGB Euclidean) is each name."""
     if not palette:
         raise ValueError("palette_votes: empty palette")
@@ -187,8 +215,16 @@ class ClipScorer:
 
     name = "clip"
 
-    def __init__(self, model: Any, preprocess: Callable[[Image.Image], Any], tokenizer: Callable[[list[str]], Any], *,
-                 object_names: Sequence[str] | None = None, mask_background: bool = False, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model: Any,
+        preprocess: Callable[[Image.Image], Any],
+        tokenizer: Callable[[list[str]], Any],
+        *,
+        object_names: Sequence[str] | None = None,
+        mask_background: bool = False,
+        device: str = "cpu",
+    ) -> None:
         import torch
 
         self.model = model.to(device).eval()
@@ -203,17 +239,25 @@ class ClipScorer:
         self._text_cache: dict[str, Any] = {}
 
     @classmethod
-    def from_open_clip(cls, name: str, pretrained: str | None = None, *, device: str = "cpu",
-                       mask_background: bool = False, object_names: Sequence[str] | None = None,
-                       **overrides: Any) -> "ClipScorer":
+    def from_open_clip(
+        cls,
+        name: str,
+        pretrained: str | None = None,
+        *,
+        device: str = "cpu",
+        mask_background: bool = False,
+        object_names: Sequence[str] | None = None,
+        **overrides: Any,
+    ) -> "ClipScorer":
         """``open_clip.create_model_and_transforms(name, pretrained, **overrides)``; ``pretrained`` is
         a tag (e.g. ``"openai"`` for GenEval's ViT-L-14) or a local file; None = random (tests)."""
         import open_clip
 
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, **overrides)
         tokenizer = open_clip.get_tokenizer(name)
-        return cls(model, preprocess, tokenizer, object_names=object_names, mask_background=mask_background,
-                   device=device)
+        return cls(
+            model, preprocess, tokenizer, object_names=object_names, mask_background=mask_background, device=device
+        )
 
     # -- embeddings (cached per text: the same class prompts recur for every image)
 
@@ -255,8 +299,9 @@ class ClipScorer:
         unverified = unverifiable(prompt)
         correct = True
         if not prompt.include:
-            raise EvalError(f"prompt {prompt.index} ('{prompt.prompt}'): no include items; "
-                            "ClipScorer needs GenEval-style objects")
+            raise EvalError(
+                f"prompt {prompt.index} ('{prompt.prompt}'): no include items; ClipScorer needs GenEval-style objects"
+            )
         for i, item in enumerate(prompt.include):
             obj = item["class"]
             candidates = [obj] + [n for n in self.object_names if n != obj]
@@ -320,8 +365,16 @@ class VQAScorer:
 
     name = "vqa"
 
-    def __init__(self, adapter: Any, encoder: Any, *, threshold: float = 0.5,
-                 template: str = "Is this {article} {phrase}?", yes: str = "yes", no: str = "no") -> None:
+    def __init__(
+        self,
+        adapter: Any,
+        encoder: Any,
+        *,
+        threshold: float = 0.5,
+        template: str = "Is this {article} {phrase}?",
+        yes: str = "yes",
+        no: str = "no",
+    ) -> None:
         self.adapter = adapter
         self.encoder = encoder
         self.threshold = threshold
@@ -381,8 +434,14 @@ class PaletteScorer:
 
     name = "palette"
 
-    def __init__(self, palette: Mapping[str, Sequence[int]] | None = None, *, use_mask: bool = True,
-                 min_share: float = 0.2, threshold: float = 0.15) -> None:
+    def __init__(
+        self,
+        palette: Mapping[str, Sequence[int]] | None = None,
+        *,
+        use_mask: bool = True,
+        min_share: float = 0.2,
+        threshold: float = 0.15,
+    ) -> None:
         self.palette = dict(palette or GENEVAL_PALETTE)
         self.use_mask = use_mask
         self.min_share = min_share
@@ -414,16 +473,18 @@ def load_scorer(spec: str, **kwargs: Any) -> Scorer:
     """Build a scorer from ``"package.module:Factory"`` (a class or function) with ``kwargs``."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise EvalError(f"--scorer {spec}: expected 'clip', 'vqa', 'palette' or an import path "
-                        "'package.module:Factory'")
+        raise EvalError(
+            f"--scorer {spec}: expected 'clip', 'vqa', 'palette' or an import path 'package.module:Factory'"
+        )
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise EvalError(f"--scorer {spec}: cannot import ({e})") from None
     scorer = factory(**kwargs)
     if not isinstance(getattr(scorer, "name", None), str) or not callable(getattr(scorer, "score", None)):
-        raise EvalError(f"--scorer {spec}: built a {type(scorer).__name__} without a 'name' and a "
-                        "'score(image, prompt)' method")
+        raise EvalError(
+            f"--scorer {spec}: built a {type(scorer).__name__} without a 'name' and a 'score(image, prompt)' method"
+        )
     return scorer
 
 

@@ -79,7 +79,9 @@ class UMMAdapter(Protocol):
         so results do not depend on how a batch is split across processes or micro-batches."""
         ...
 
-    def understanding_loss(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+    def understanding_loss(
+        self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]
+    ) -> torch.Tensor:
         """Cross-entropy of ``answers`` given the image tokens and a text prompt: token mean per sample,
         then mean over samples (scalar)."""
         ...
@@ -113,7 +115,9 @@ class HasOwnEncoder(Protocol):
 class Traceable(Protocol):
     """Optional: per-layer hidden states for the pseudo-unification entropy probe (eval/probe.py)."""
 
-    def hidden_states(self, cond: Condition, answers: Sequence[str] | None = None) -> list[tuple[list[torch.Tensor], int]]:
+    def hidden_states(
+        self, cond: Condition, answers: Sequence[str] | None = None
+    ) -> list[tuple[list[torch.Tensor], int]]:
         """Per sample: hidden states ``(T, d)`` of every layer (embeddings first) over [prompt ;
         response], and the prompt length. Response = the answer's tokens when ``answers`` is given
         (text generation), else the positions that carry the generated image."""

@@ -24,7 +24,9 @@ def import_adapter(path: str) -> type:
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"model.adapter: cannot import '{path}' ({e}); expected 'package.module:Class'") from None
     if missing := missing_members(cls, UMMAdapter):
-        raise ConfigError(f"model.adapter: {path} does not implement reca.adapter.UMMAdapter (missing {', '.join(missing)})")
+        raise ConfigError(
+            f"model.adapter: {path} does not implement reca.adapter.UMMAdapter (missing {', '.join(missing)})"
+        )
     return cls
 
 
@@ -36,14 +38,20 @@ def _instantiate(cls: type, args: Any, where: str) -> UMMAdapter:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if missing := missing_members(adapter, UMMAdapter):
-        raise ConfigError(f"{where}: {cls.__module__}:{cls.__name__} does not implement reca.adapter.UMMAdapter "
-                          f"(its instances lack {', '.join(missing)})")
+        raise ConfigError(
+            f"{where}: {cls.__module__}:{cls.__name__} does not implement reca.adapter.UMMAdapter "
+            f"(its instances lack {', '.join(missing)})"
+        )
     return adapter
 
 
 def adapter_args(cfg: Config, cls: type, encoder: FrozenEncoder | None) -> Any:
     args = from_dict(cls.Config, cfg.model.args, "model.args")
-    if encoder is not None and any(f.name == "semantic_dim" for f in dataclasses.fields(args)) and not args.semantic_dim:
+    if (
+        encoder is not None
+        and any(f.name == "semantic_dim" for f in dataclasses.fields(args))
+        and not args.semantic_dim
+    ):
         args = dataclasses.replace(args, semantic_dim=encoder.width)
     return args
 
@@ -65,12 +73,17 @@ def trainable_parameters(model: nn.Module, trainable: list[str], frozen: list[st
     """Full fine-tuning: set requires_grad by name prefix; returns the trained names."""
     names = []
     for name, p in model.named_parameters():
-        train = any(name == t or name.startswith(t + ".") for t in trainable) and not any(name == f or name.startswith(f + ".") for f in frozen)
+        train = any(name == t or name.startswith(t + ".") for t in trainable) and not any(
+            name == f or name.startswith(f + ".") for f in frozen
+        )
         p.requires_grad_(train)
         if train:
             names.append(name)
     if not names:
-        raise ConfigError(f"train.trainable: {trainable} matches no parameter; top-level modules are {sorted({n.split('.')[0] for n, _ in model.named_parameters()})}")
+        raise ConfigError(
+            f"train.trainable: {trainable} matches no parameter; top-level modules are "
+            f"{sorted({n.split('.')[0] for n, _ in model.named_parameters()})}"
+        )
     return names
 
 
@@ -79,8 +92,13 @@ def apply_lora(adapter: nn.Module, cfg: Config) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.lora.target_modules or adapter.default_lora_targets
-    lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=targets, modules_to_save=cfg.lora.modules_to_save or None)
+    lora = LoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=targets,
+        modules_to_save=cfg.lora.modules_to_save or None,
+    )
     try:
         return get_peft_model(adapter, lora)
     except ValueError as e:
@@ -102,7 +120,9 @@ def load_checkpoint(adapter: nn.Module, path: str | Path, encoder: FrozenEncoder
         args = saved["args"]
         if "pretrained" in {f.name for f in dataclasses.fields(cls.Config)}:
             args = {**args, "pretrained": str(path)}  # the convention: a save_pretrained folder is loaded by this key
-        rebuilt = _instantiate(cls, from_dict(cls.Config, args, f"{path}/reca_adapter.json: args"), f"{path}/reca_adapter.json")
+        rebuilt = _instantiate(
+            cls, from_dict(cls.Config, args, f"{path}/reca_adapter.json: args"), f"{path}/reca_adapter.json"
+        )
         if encoder is not None and isinstance(rebuilt, AttachesEncoder):
             rebuilt.attach_encoder(encoder)
         return rebuilt.to(next(adapter.parameters()).dtype)
@@ -118,7 +138,10 @@ def load_checkpoint(adapter: nn.Module, path: str | Path, encoder: FrozenEncoder
         if unexpected:
             raise ConfigError(f"--checkpoint {path}: weights do not fit this adapter (e.g. {unexpected[0]})")
         return adapter
-    raise ConfigError(f"--checkpoint {path}: not a PEFT adapter (adapter_config.json), a saved model (reca_adapter.json) or a trainer checkpoint (model.safetensors)")
+    raise ConfigError(
+        f"--checkpoint {path}: not a PEFT adapter (adapter_config.json), a saved model (reca_adapter.json) or a "
+        "trainer checkpoint (model.safetensors)"
+    )
 
 
 def checkpoint_config(checkpoint: str | Path) -> Path:
@@ -129,7 +152,9 @@ def checkpoint_config(checkpoint: str | Path) -> Path:
     raise ConfigError(f"--checkpoint {checkpoint}: holds no config.json or config.yaml; pass --config")
 
 
-def load_trained(cfg: Config, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[UMMAdapter, FrozenEncoder]:
+def load_trained(
+    cfg: Config, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"
+) -> tuple[UMMAdapter, FrozenEncoder]:
     """The one way a trained model is loaded for evaluation (CLI, probe, demo): built from ``cfg``
     as the trainer builds it, ``checkpoint`` loaded on top (a PEFT folder, a ``save_pretrained``
     folder or a trainer checkpoint, see :func:`load_checkpoint`), in eval mode on ``device``."""

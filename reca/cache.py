@@ -21,7 +21,6 @@ from reca.config import TrainConfig
 from reca.encoders import FrozenEncoder
 from reca.io import atomic_write_bytes
 
-
 STORAGE_DTYPES = typing.get_args(typing.get_type_hints(TrainConfig)["cache_dtype"])
 
 
@@ -31,7 +30,9 @@ def content_key(x: torch.Tensor) -> str:
 
 
 class EmbeddingCache:
-    def __init__(self, root: str | Path, encoder_identity: str, dtype: str = "float32", rank: int = 0, flush_every: int = 256):
+    def __init__(
+        self, root: str | Path, encoder_identity: str, dtype: str = "float32", rank: int = 0, flush_every: int = 256
+    ):
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"train.cache_dtype: '{dtype}' is not one of {', '.join(STORAGE_DTYPES)}")
         tag = hashlib.sha1(f"{encoder_identity}|{dtype}".encode()).hexdigest()[:16]

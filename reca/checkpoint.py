@@ -27,14 +27,21 @@ class TrainState:
         return {"step": self.step, "nonfinite_in_a_row": self.nonfinite_in_a_row, "data_counts": dict(self.data_counts)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.nonfinite_in_a_row, self.data_counts = state["step"], state["nonfinite_in_a_row"], dict(state["data_counts"])
+        self.step, self.nonfinite_in_a_row, self.data_counts = (
+            state["step"],
+            state["nonfinite_in_a_row"],
+            dict(state["data_counts"]),
+        )
 
 
 def checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders are never listed)."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(
+        (p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)),
+        key=lambda p: int(p.name[len(PREFIX) :]),
+    )
 
 
 def resolve_resume(root: Path, resume: str | None) -> Path | None:

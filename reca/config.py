@@ -58,8 +58,11 @@ OBJECTIVES: dict[str, Objective] = {
 
 @dataclass
 class DataSource:
-    path: str = _f("", "folder of images, a .jsonl/.csv manifest (columns: image path, optional caption), "
-                   "or a dataset name/dir loadable offline by datasets.load_dataset")
+    path: str = _f(
+        "",
+        "folder of images, a .jsonl/.csv manifest (columns: image path, optional caption), "
+        "or a dataset name/dir loadable offline by datasets.load_dataset",
+    )
     split: str = _f("train", "dataset split (datasets and save_to_disk dicts)")
     image_column: str = _f("image", "image column in manifests and datasets")
     caption_column: str = _f("caption", "caption column; empty = none (reconstruction needs none)")
@@ -76,14 +79,29 @@ class ModelConfig:
 
 @dataclass
 class EncoderConfig:
-    kind: Literal["open_clip", "hf", "umm"] = _f("open_clip", "frozen semantic encoder: open_clip, transformers (hf) CLIP/SigLIP vision model, or the UMM's own understanding encoder (umm)")
+    kind: Literal["open_clip", "hf", "umm"] = _f(
+        "open_clip",
+        "frozen semantic encoder: open_clip, transformers (hf) CLIP/SigLIP vision model, or the UMM's own "
+        "understanding encoder (umm)",
+    )
     name: str = _f("ViT-B-16", "open_clip model name, or hf hub id / local dir")
     pretrained: str = _f("", "open_clip pretrained tag or local checkpoint file; empty = random init (tests only)")
-    overrides: dict = _f({}, "extra model-constructor settings (open_clip create_model kwargs, or hf config fields for random init)")
+    overrides: dict = _f(
+        {}, "extra model-constructor settings (open_clip create_model kwargs, or hf config fields for random init)"
+    )
     layer: int = _f(-2, "hidden layer whose patch tokens are used (-2 = penultimate, as the RecA configs do)")
-    drop_cls: Literal["auto", "yes", "no"] = _f("auto", "drop the class token: auto drops it for CLIP, keeps all tokens for SigLIP")
-    space: Literal["hidden", "joint"] = _f("hidden", "hidden: patch tokens of encoder.layer; joint (open_clip): pooled image embedding + last-layer patch tokens projected into the contrastive space, with a text tower for text prompts")
-    input_size: int = _f(0, "encoder input resolution; 0 = the encoder's native size. Lower it for the information bottleneck (RecA §3.3)")
+    drop_cls: Literal["auto", "yes", "no"] = _f(
+        "auto", "drop the class token: auto drops it for CLIP, keeps all tokens for SigLIP"
+    )
+    space: Literal["hidden", "joint"] = _f(
+        "hidden",
+        "hidden: patch tokens of encoder.layer; joint (open_clip): pooled image embedding + last-layer patch tokens "
+        "projected into the contrastive space, with a text tower for text prompts",
+    )
+    input_size: int = _f(
+        0,
+        "encoder input resolution; 0 = the encoder's native size. Lower it for the information bottleneck (RecA §3.3)",
+    )
 
 
 @dataclass
@@ -96,16 +114,26 @@ class ObjectiveConfig:
 @dataclass
 class ReconConfig(ObjectiveConfig):
     share: float = _f(1.0, "fraction of each step's batch given to reconstruction (0 = off)")
-    instructions: Literal["bank", "fixed"] = _f("bank", "draw the reconstruction instruction from reca's bank, or always use fixed_instruction")
+    instructions: Literal["bank", "fixed"] = _f(
+        "bank", "draw the reconstruction instruction from reca's bank, or always use fixed_instruction"
+    )
     fixed_instruction: str = _f("Reconstruct this image.", "the instruction when instructions=fixed")
     instruction_dropout: float = _f(0.0, "probability of giving no instruction at all")
 
 
 @dataclass
 class ObjectivesConfig:
-    recon: ReconConfig = field(default_factory=ReconConfig, metadata={"help": "RecA: reconstruct the image from its frozen semantic tokens; needs no captions"})
-    t2i: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "text-to-image on captioned images"})
-    i2t: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "image-to-text (captioning) to keep understanding; needed where parameters are shared"})
+    recon: ReconConfig = field(
+        default_factory=ReconConfig,
+        metadata={"help": "RecA: reconstruct the image from its frozen semantic tokens; needs no captions"},
+    )
+    t2i: ObjectiveConfig = field(
+        default_factory=ObjectiveConfig, metadata={"help": "text-to-image on captioned images"}
+    )
+    i2t: ObjectiveConfig = field(
+        default_factory=ObjectiveConfig,
+        metadata={"help": "image-to-text (captioning) to keep understanding; needed where parameters are shared"},
+    )
     i2t_prompt: str = _f("Describe the image.", "the question asked before each caption in image-to-text")
 
 
@@ -137,24 +165,34 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
     mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "autocast precision (accelerate)")
     seed: int = _f(0, "seed for data order, noise and instruction choice")
-    trainable: list = _f([], "full fine-tuning: parameter-name prefixes to train; empty = the adapter's default_trainable")
+    trainable: list = _f(
+        [], "full fine-tuning: parameter-name prefixes to train; empty = the adapter's default_trainable"
+    )
     frozen: list = _f([], "parameter-name prefixes frozen even if listed as trainable")
     save_every: int = _f(500, "save a checkpoint every N steps (and at the end)")
     keep_last: int = _f(3, "checkpoints kept")
     log_every: int = _f(10, "log losses every N steps")
     sample_every: int = _f(0, "write a PNG sample grid every N steps (0 = only at the end)")
-    sample_prompts: list = _f(["a photo of a yellow broccoli", "a photo of a blue banana"], "text prompts drawn in sample grids")
+    sample_prompts: list = _f(
+        ["a photo of a yellow broccoli", "a photo of a blue banana"], "text prompts drawn in sample grids"
+    )
     sample_steps: int = _f(20, "sampling steps for sample grids")
     guidance_scale: float = _f(3.0, "classifier-free guidance for sample grids")
     max_nonfinite: int = _f(5, "abort after this many non-finite losses in a row (each is skipped with a warning)")
     num_workers: int = _f(0, "data-loading worker processes per objective")
     find_unused_parameters: bool = _f(False, "DDP: set when some trainable parameters get no gradient in a step")
     cpu: bool = _f(False, "force CPU even when CUDA is present")
-    embedding_cache: str = _f("", "folder for cached frozen-encoder outputs (computed once, reused every epoch); empty = off")
+    embedding_cache: str = _f(
+        "", "folder for cached frozen-encoder outputs (computed once, reused every epoch); empty = off"
+    )
     cache_dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "storage dtype of cached embeddings")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward (adapter's enable_gradient_checkpointing)")
+    gradient_checkpointing: bool = _f(
+        False, "recompute activations in backward (adapter's enable_gradient_checkpointing)"
+    )
     compile: bool = _f(False, "torch.compile the adapter's heavy modules (adapter's compile_modules)")
-    offload_encoder: bool = _f(False, "keep the frozen encoder on the CPU (with a warm embedding_cache it is rarely called)")
+    offload_encoder: bool = _f(
+        False, "keep the frozen encoder on the CPU (with a warm embedding_cache it is rarely called)"
+    )
 
 
 @dataclass
@@ -168,7 +206,9 @@ class LogConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the UMM"})
     encoder: EncoderConfig = field(default_factory=EncoderConfig, metadata={"help": "the frozen semantic encoder"})
-    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig, metadata={"help": "what is trained and on which data"})
+    objectives: ObjectivesConfig = field(
+        default_factory=ObjectivesConfig, metadata={"help": "what is trained and on which data"}
+    )
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer and schedule"})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the loop"})
@@ -192,7 +232,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool):  # YAML 1.1 reads a bare no / off / yes / on as a boolean
-            value = next((c for c in (("no", "off", "false") if not value else ("yes", "on", "true")) if c in choices), value)
+            value = next(
+                (c for c in (("no", "off", "false") if not value else ("yes", "on", "true")) if c in choices), value
+            )
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
@@ -314,13 +356,31 @@ def validate(cfg: Config) -> None:
         (t.save_every > 0, "train.save_every: must be > 0"),
         (t.keep_last > 0, "train.keep_last: must be > 0 (older checkpoints are deleted)"),
         (cfg.optim.lr > 0, "optim.lr: must be > 0"),
-        (cfg.optim.warmup_steps < t.max_steps, f"optim.warmup_steps: {cfg.optim.warmup_steps} must be below train.max_steps={t.max_steps}"),
-        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas: expected two numbers in [0, 1), e.g. [0.9, 0.95]"),
-        (0 <= o.recon.instruction_dropout <= 1, "objectives.recon.instruction_dropout: must be a probability in [0, 1]"),
+        (
+            cfg.optim.warmup_steps < t.max_steps,
+            f"optim.warmup_steps: {cfg.optim.warmup_steps} must be below train.max_steps={t.max_steps}",
+        ),
+        (
+            len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
+            "optim.betas: expected two numbers in [0, 1), e.g. [0.9, 0.95]",
+        ),
+        (
+            0 <= o.recon.instruction_dropout <= 1,
+            "objectives.recon.instruction_dropout: must be a probability in [0, 1]",
+        ),
         (not (cfg.lora.enabled and cfg.lora.rank <= 0), "lora.rank: must be > 0 when lora.enabled is true"),
-        (not (cfg.lora.enabled and t.trainable), "train.trainable: full-fine-tuning prefixes conflict with lora.enabled=true; use lora.modules_to_save"),
-        (":" in cfg.model.adapter, f"model.adapter: '{cfg.model.adapter}' must be an import path 'package.module:Class'"),
-        (cfg.model.dtype == "float32" or t.mixed_precision == "no", "model.dtype: load in float32 when train.mixed_precision is set (autocast needs fp32 master weights)"),
+        (
+            not (cfg.lora.enabled and t.trainable),
+            "train.trainable: full-fine-tuning prefixes conflict with lora.enabled=true; use lora.modules_to_save",
+        ),
+        (
+            ":" in cfg.model.adapter,
+            f"model.adapter: '{cfg.model.adapter}' must be an import path 'package.module:Class'",
+        ),
+        (
+            cfg.model.dtype == "float32" or t.mixed_precision == "no",
+            "model.dtype: load in float32 when train.mixed_precision is set (autocast needs fp32 master weights)",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -333,13 +393,19 @@ def validate(cfg: Config) -> None:
         if obj.share < 0:
             raise ConfigError(f"objectives.{name}.share: must be >= 0")
         if obj.share > 0 and not obj.data.path:
-            raise ConfigError(f"objectives.{name}.data.path: objective {name} has share {obj.share} but no data; set a folder, manifest or dataset name")
+            raise ConfigError(
+                f"objectives.{name}.data.path: objective {name} has share {obj.share} but no data; set a folder, "
+                "manifest or dataset name"
+            )
         if obj.share > 0 and spec.needs_captions and not obj.data.caption_column:
             raise ConfigError(f"objectives.{name}.data.caption_column: {name} needs captions; name the caption column")
     sizes = split_batch(t.batch_size, {k: v.share for k, v in active.items()})
     for name, n in sizes.items():
         if n == 0:
-            raise ConfigError(f"objectives.{name}.share: {active[name].share} of train.batch_size={t.batch_size} rounds to 0 samples; raise the batch size or the share")
+            raise ConfigError(
+                f"objectives.{name}.share: {active[name].share} of train.batch_size={t.batch_size} rounds to 0 "
+                "samples; raise the batch size or the share"
+            )
 
 
 def active_objectives(o: ObjectivesConfig) -> dict[str, ObjectiveConfig]:

@@ -37,11 +37,16 @@ GRAY_MODES = {"1", "L", "LA", "La", "I", "F"}  # plus every "I;16…" variant
 
 # ----------------------------------------------------------------------------------- opening
 
-def open_source(src: DataSource, *, need_captions: bool, key: str = "data") -> datasets.Dataset | datasets.IterableDataset:
+
+def open_source(
+    src: DataSource, *, need_captions: bool, key: str = "data"
+) -> datasets.Dataset | datasets.IterableDataset:
     """Open ``src`` without decoding any image; ``key`` (e.g. ``objectives.recon.data``) names it in errors."""
     path = Path(src.path).expanduser()
     if not src.path:
-        raise FileNotFoundError(f"{key}.path is empty: set a folder of images, a .jsonl/.csv manifest or a dataset name")
+        raise FileNotFoundError(
+            f"{key}.path is empty: set a folder of images, a .jsonl/.csv manifest or a dataset name"
+        )
     if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):  # save_to_disk
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
@@ -52,7 +57,9 @@ def open_source(src: DataSource, *, need_captions: bool, key: str = "data") -> d
     elif path.suffix in (".jsonl", ".csv"):
         if not path.is_file():
             raise FileNotFoundError(f"{key}.path: no such manifest {path}")
-        ds = datasets.load_dataset("json" if path.suffix == ".jsonl" else "csv", data_files=str(path), split="train", streaming=src.streaming)
+        ds = datasets.load_dataset(
+            "json" if path.suffix == ".jsonl" else "csv", data_files=str(path), split="train", streaming=src.streaming
+        )
         _require_columns(ds, src, key, need_captions)
         # relative image paths are relative to the manifest, not to wherever training was launched
         ds = ds.map(_resolve, fn_kwargs={"column": src.image_column, "root": str(path.parent.resolve())})
@@ -65,8 +72,10 @@ def open_source(src: DataSource, *, need_captions: bool, key: str = "data") -> d
         try:
             ds = datasets.load_dataset(src.path, split=src.split, streaming=src.streaming)
         except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
-            raise FileNotFoundError(f"{key}.path: '{src.path}' is neither an image folder, a .jsonl/.csv manifest nor a dataset "
-                                    f"loadable offline ({str(e).splitlines()[0]})") from None
+            raise FileNotFoundError(
+                f"{key}.path: '{src.path}' is neither an image folder, a .jsonl/.csv manifest nor a dataset "
+                f"loadable offline ({str(e).splitlines()[0]})"
+            ) from None
     _require_columns(ds, src, key, need_captions)
     return _undecoded(ds, src.image_column)
 
@@ -81,15 +90,21 @@ def _columns(ds: datasets.Dataset | datasets.IterableDataset) -> list[str]:
 def _require_columns(ds, src: DataSource, key: str, need_captions: bool) -> None:
     columns = _columns(ds)
     if src.image_column not in columns:
-        raise ValueError(f"{key}.image_column: '{src.image_column}' is not a column of {src.path} (columns: {', '.join(columns)})")
+        raise ValueError(
+            f"{key}.image_column: '{src.image_column}' is not a column of {src.path} (columns: {', '.join(columns)})"
+        )
     if need_captions and (not src.caption_column or src.caption_column not in columns):
-        raise ValueError(f"{key}.caption_column: this objective needs captions but '{src.caption_column}' is not a column "
-                         f"of {src.path} (columns: {', '.join(columns)})")
+        raise ValueError(
+            f"{key}.caption_column: this objective needs captions but '{src.caption_column}' is not a column "
+            f"of {src.path} (columns: {', '.join(columns)})"
+        )
 
 
 def _resolve(row: dict, column: str, root: str) -> dict:
     value = row[column]
-    return {column: str(Path(root) / value) if isinstance(value, str) and value and not Path(value).is_absolute() else value}
+    return {
+        column: str(Path(root) / value) if isinstance(value, str) and value and not Path(value).is_absolute() else value
+    }
 
 
 def _undecoded(ds, column: str):
@@ -101,6 +116,7 @@ def _undecoded(ds, column: str):
 
 
 # ----------------------------------------------------------------------------------- decoding
+
 
 def load_image(value: Any, min_side: int = 16) -> tuple[Image.Image | None, str | None]:
     """An RGB image and ``None`` or ``"converted:<kind>[,<kind>…]"``, or ``(None, reason)`` with reason
@@ -151,20 +167,27 @@ def _finish(image: Image.Image, min_side: int) -> tuple[Image.Image | None, str 
             rgba = canvas
             kinds.append("alpha")
         image = rgba
-    return image.convert("RGB"), ("converted:" + ",".join(kinds)) if kinds else None  # convert copies: the file can close
+    return image.convert("RGB"), (
+        "converted:" + ",".join(kinds)
+    ) if kinds else None  # convert copies: the file can close
 
 
 def _gray8(image: Image.Image) -> Image.Image:
-    """High-bit-depth grayscale to 8 bits by its range; PIL's own conversion clips at 255 (a 16-bit photo turns white)."""
+    """High-bit-depth grayscale to 8 bits by its range; PIL's own conversion clips at 255 (a 16-bit
+    photo turns white)."""
     a = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16") or (image.mode == "I" and a.max() > 255):  # "I" has no declared depth: >255 means 16-bit
+    if image.mode.startswith("I;16") or (
+        image.mode == "I" and a.max() > 255
+    ):  # "I" has no declared depth: >255 means 16-bit
         a = a / 257
     elif image.mode == "F" and a.max() <= 1:  # float images are conventionally in [0, 1]
         a = a * 255
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
-def _decode(row: dict, image_column: str, caption_column: str | None, min_side: int) -> tuple[Image.Image | None, str | None, str | None]:
+def _decode(
+    row: dict, image_column: str, caption_column: str | None, min_side: int
+) -> tuple[Image.Image | None, str | None, str | None]:
     """``(image, note, caption)``; image None means skipped for reason ``note``."""
     caption = None
     if caption_column:
@@ -184,6 +207,7 @@ def _describe(value: Any) -> str:
 
 # ----------------------------------------------------------------------------------- ordering
 
+
 def _shard(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
     """Epoch ``epoch``'s permutation, then this rank's interleaved shard (rank, rank+world, …):
     ranks are disjoint and together cover the data."""
@@ -200,7 +224,9 @@ def _items(ds, seed: int, rank: int, world: int, start: int) -> Iterator[Any]:
             offset = 0
         return
     for e in itertools.count():
-        shard = split_dataset_by_node(ds.shuffle(seed=seed + e, buffer_size=SHUFFLE_BUFFER), rank=rank, world_size=world)
+        shard = split_dataset_by_node(
+            ds.shuffle(seed=seed + e, buffer_size=SHUFFLE_BUFFER), rank=rank, world_size=world
+        )
         rows = 0
         # .iter() rather than iter(): inside a loader worker, iter() would shard by worker on its own
         for chunk in shard.iter(batch_size=64):
@@ -253,11 +279,14 @@ def _start_position(ds, usable: int, seed: int, rank: int, world: int, decode: C
                 if usable == 0:
                     return position
         if run >= n:
-            raise RuntimeError(f"no usable image in {n} consecutive examples: every image is missing, undecodable, tiny or uncaptioned")
+            raise RuntimeError(
+                f"no usable image in {n} consecutive examples: every image is missing, undecodable, tiny or uncaptioned"
+            )
     raise AssertionError("unreachable: epochs are endless")
 
 
 # ----------------------------------------------------------------------------------- batching
+
 
 class _Samples(torch.utils.data.IterableDataset):
     """Decoded, transformed samples of one rank, in chunks of consecutive positions. With loader
@@ -265,7 +294,13 @@ class _Samples(torch.utils.data.IterableDataset):
     robin, so chunks arrive in order whatever N is."""
 
     def __init__(self, ds, transform, caption_column, image_column, min_side, seed, rank, world, start, chunk):
-        self.ds, self.transform, self.caption_column, self.image_column, self.min_side = ds, transform, caption_column, image_column, min_side
+        self.ds, self.transform, self.caption_column, self.image_column, self.min_side = (
+            ds,
+            transform,
+            caption_column,
+            image_column,
+            min_side,
+        )
         self.seed, self.rank, self.world, self.start, self.chunk = seed, rank, world, start, chunk
 
     def __iter__(self):
@@ -294,9 +329,20 @@ def _identity(x):
     return x
 
 
-def batches(ds, *, batch_size: int, transform: Callable[[Image.Image], dict[str, torch.Tensor]], caption_column: str | None,
-            seed: int, rank: int = 0, world_size: int = 1, start_batch: int = 0, num_workers: int = 0,
-            image_column: str = "image", min_side: int = 16) -> Iterator[dict]:
+def batches(
+    ds,
+    *,
+    batch_size: int,
+    transform: Callable[[Image.Image], dict[str, torch.Tensor]],
+    caption_column: str | None,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_batch: int = 0,
+    num_workers: int = 0,
+    image_column: str = "image",
+    min_side: int = 16,
+) -> Iterator[dict]:
     """Endless batches of exactly ``batch_size`` usable images: ``transform``'s tensors stacked,
     ``caption`` (when ``caption_column``), and the ``skipped`` / ``converted`` counts met while
     filling this batch. ``start_batch=k`` yields exactly what an uninterrupted stream yields from
@@ -308,6 +354,7 @@ def batches(ds, *, batch_size: int, transform: Callable[[Image.Image], dict[str,
 
     def usable(row: dict) -> bool:
         return _decode(row, image_column, caption_column, min_side)[0] is not None
+
     start = _start_position(ds, start_batch * batch_size, seed, rank, world_size, usable)
     samples = _Samples(ds, transform, caption_column, image_column, min_side, seed, rank, world_size, start, batch_size)
     # batch_size=None: chunks pass through as made; collate would only repack them
@@ -330,7 +377,9 @@ def batches(ds, *, batch_size: int, transform: Callable[[Image.Image], dict[str,
                     log.warning("skipping %s image %s (further %s images are counted, not logged)", note, where, note)
                 run += 1
                 if run >= limit:
-                    raise RuntimeError(f"no usable image in {run} consecutive examples (skipped so far in this batch: {skipped})")
+                    raise RuntimeError(
+                        f"no usable image in {run} consecutive examples (skipped so far in this batch: {skipped})"
+                    )
                 continue
             run = 0
             for kind in note.removeprefix("converted:").split(",") if note else ():

@@ -52,7 +52,9 @@ class FrozenEncoder:
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         if self.text is None:
-            raise ConfigError("model.args.text_path: 'encoder' needs encoder.space=joint (an encoder with a text tower)")
+            raise ConfigError(
+                "model.args.text_path: 'encoder' needs encoder.space=joint (an encoder with a text tower)"
+            )
         return self.text(texts)
 
     def __post_init__(self) -> None:
@@ -83,7 +85,10 @@ def build_encoder(cfg: EncoderConfig, adapter: object | None = None) -> FrozenEn
         return _hf(cfg)
     own = getattr(adapter, "semantic_encoder", None)
     if own is None:
-        raise ConfigError(f"encoder.kind: 'umm' needs an adapter with semantic_encoder(); {type(adapter).__name__} has none — use open_clip or hf")
+        raise ConfigError(
+            f"encoder.kind: 'umm' needs an adapter with semantic_encoder(); {type(adapter).__name__} has none — use "
+            "open_clip or hf"
+        )
     return own(layer=cfg.layer, input_size=cfg.input_size)
 
 
@@ -96,7 +101,10 @@ def _open_clip(cfg: EncoderConfig) -> FrozenEncoder:
 
     if cfg.name not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if cfg.name.lower() in m.lower()][:5]
-        raise ConfigError(f"encoder.name: '{cfg.name}' is not an open_clip model; close: {', '.join(close) or 'see open_clip.list_models()'}")
+        raise ConfigError(
+            f"encoder.name: '{cfg.name}' is not an open_clip model; close: "
+            f"{', '.join(close) or 'see open_clip.list_models()'}"
+        )
     kwargs = dict(cfg.overrides)
     if cfg.input_size and "vision_cfg" in kwargs:
         kwargs["vision_cfg"] = {**kwargs["vision_cfg"], "image_size": cfg.input_size}
@@ -115,7 +123,9 @@ def _open_clip(cfg: EncoderConfig) -> FrozenEncoder:
     keep_prefix = not _drop_cls(cfg, is_siglip)
 
     def features(x: torch.Tensor) -> torch.Tensor:
-        out = visual.forward_intermediates(x, indices=[index], intermediates_only=True, output_fmt="NLC", output_extra_tokens=keep_prefix)
+        out = visual.forward_intermediates(
+            x, indices=[index], intermediates_only=True, output_fmt="NLC", output_extra_tokens=keep_prefix
+        )
         tokens = out["image_intermediates"][0]
         if keep_prefix and out.get("image_intermediates_prefix"):
             tokens = torch.cat([out["image_intermediates_prefix"][0], tokens], dim=1)
@@ -123,15 +133,23 @@ def _open_clip(cfg: EncoderConfig) -> FrozenEncoder:
 
     with torch.no_grad():
         width = features(torch.zeros(1, 3, size, size)).shape[-1]
-    return FrozenEncoder(visual, features, size, tuple(pp["mean"]), tuple(pp["std"]), width,
-                         identity=f"open_clip:{cfg.name}:{cfg.pretrained or 'random'}:layer{cfg.layer}:{size}px")
+    return FrozenEncoder(
+        visual,
+        features,
+        size,
+        tuple(pp["mean"]),
+        tuple(pp["std"]),
+        width,
+        identity=f"open_clip:{cfg.name}:{cfg.pretrained or 'random'}:layer{cfg.layer}:{size}px",
+    )
 
 
 def _open_clip_joint(cfg: EncoderConfig, model, open_clip) -> FrozenEncoder:
     """Tokens in the contrastive space: the pooled image embedding, then the last layer's patch
     tokens through the model's own ln_post + projection; text prompts get the pooled text embedding
     of the same model. Pooled image and text embeddings are aligned by contrastive training, which
-    is what lets reconstruction learned from images transfer to text prompts (in an early prototype of the demo, nothing transferred without it)."""
+    is what lets reconstruction learned from images transfer to text prompts (in an early prototype
+    of the demo, nothing transferred without it)."""
     visual = model.visual
     if getattr(visual, "proj", None) is None or not hasattr(visual, "ln_post"):
         raise ConfigError("encoder.space: 'joint' needs an open_clip ViT with ln_post and proj; use space=hidden")
@@ -152,8 +170,16 @@ def _open_clip_joint(cfg: EncoderConfig, model, open_clip) -> FrozenEncoder:
         return model.encode_text(tokenizer(list(texts)).to(device), normalize=True)[:, None].float()
 
     width = model.visual.output_dim
-    return FrozenEncoder(model, features, size, tuple(pp["mean"]), tuple(pp["std"]), width,
-                         identity=f"open_clip:{cfg.name}:{cfg.pretrained or 'random'}:joint:{size}px", text=text)
+    return FrozenEncoder(
+        model,
+        features,
+        size,
+        tuple(pp["mean"]),
+        tuple(pp["std"]),
+        width,
+        identity=f"open_clip:{cfg.name}:{cfg.pretrained or 'random'}:joint:{size}px",
+        text=text,
+    )
 
 
 def _num_layers(visual: torch.nn.Module) -> int:
@@ -175,7 +201,11 @@ def _hf(cfg: EncoderConfig) -> FrozenEncoder:
     size = cfg.input_size or model.config.image_size
     is_siglip = "siglip" in model.config.model_type
     drop = _drop_cls(cfg, is_siglip)
-    mean, std = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) if is_siglip else ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    mean, std = (
+        ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        if is_siglip
+        else ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    )
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(cfg.name)
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
@@ -183,7 +213,9 @@ def _hf(cfg: EncoderConfig) -> FrozenEncoder:
         pass  # random-init encoders have no processor; the model family's defaults above apply
 
     def features(x: torch.Tensor) -> torch.Tensor:
-        out = model(pixel_values=x, output_hidden_states=True, interpolate_pos_encoding=x.shape[-1] != model.config.image_size)
+        out = model(
+            pixel_values=x, output_hidden_states=True, interpolate_pos_encoding=x.shape[-1] != model.config.image_size
+        )
         tokens = out.hidden_states[cfg.layer]  # hidden_states[0] is the embedding output
         return tokens[:, 1:] if drop else tokens
 
@@ -204,7 +236,9 @@ def _load_hf_vision(cfg: EncoderConfig, transformers) -> torch.nn.Module:
     try:
         config = transformers.AutoConfig.from_pretrained(cfg.name)
     except OSError as e:
-        raise ConfigError(f"encoder.name: cannot load '{cfg.name}' (hub id or local dir): {str(e).splitlines()[0]}") from None
+        raise ConfigError(
+            f"encoder.name: cannot load '{cfg.name}' (hub id or local dir): {str(e).splitlines()[0]}"
+        ) from None
     family = config.model_type.removesuffix("_vision_model")
     if family not in families:
         raise ConfigError(f"encoder.name: model type '{config.model_type}' is not CLIP/SigLIP/SigLIP2")
@@ -214,6 +248,8 @@ def _load_hf_vision(cfg: EncoderConfig, transformers) -> torch.nn.Module:
 def bottleneck_check(encoder: FrozenEncoder, resolution: int) -> str | None:
     """A warning when the encoder sees the image at generation resolution or above (copy risk)."""
     if encoder.input_size >= resolution:
-        return (f"encoder input {encoder.input_size}px >= generation {resolution}px: no information bottleneck; "
-                "RecA may learn to copy (paper §3.3) — lower encoder.input_size")
+        return (
+            f"encoder input {encoder.input_size}px >= generation {resolution}px: no information bottleneck; "
+            "RecA may learn to copy (paper §3.3) — lower encoder.input_size"
+        )
     return None

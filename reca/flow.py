@@ -26,11 +26,14 @@ def sample_sigmas(
 ) -> torch.Tensor:
     """Training noise levels σ ∈ (0, 1], one per sample, indexed into the scheduler's σ table as
     diffusers' scripts do (``compute_density_for_timestep_sampling`` then ``sigmas[indices]``)."""
-    u = torch.cat([
-        compute_density_for_timestep_sampling(weighting_scheme, 1, logit_mean, logit_std, mode_scale,
-                                              generator=generator(s, "timestep"))
-        for s in seeds
-    ])
+    u = torch.cat(
+        [
+            compute_density_for_timestep_sampling(
+                weighting_scheme, 1, logit_mean, logit_std, mode_scale, generator=generator(s, "timestep")
+            )
+            for s in seeds
+        ]
+    )
     n = len(scheduler_sigmas) - 1  # the table ends with the terminal 0, never a training σ
     indices = (u * n).long().clamp(0, n - 1)
     return scheduler_sigmas[indices].float()
@@ -41,8 +44,13 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -
     return (1.0 - s) * x0 + s * noise
 
 
-def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
-                       weighting_scheme: str = "logit_normal") -> torch.Tensor:
+def flow_matching_loss(
+    pred: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    weighting_scheme: str = "logit_normal",
+) -> torch.Tensor:
     """Weighted MSE between the predicted and the true velocity ``ε − x0``, mean over samples."""
     target = noise - x0
     weight = compute_loss_weighting_for_sd3(weighting_scheme, sigmas).to(pred)
@@ -51,7 +59,9 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor
     return per_sample.mean()
 
 
-def x0_loss(pred_x0: torch.Tensor, x0: torch.Tensor, sigmas: torch.Tensor, weighting_scheme: str = "logit_normal") -> torch.Tensor:
+def x0_loss(
+    pred_x0: torch.Tensor, x0: torch.Tensor, sigmas: torch.Tensor, weighting_scheme: str = "logit_normal"
+) -> torch.Tensor:
     """MSE of a clean-sample prediction. For small models it learns sharper shapes than velocity
     prediction (in an early prototype of the demo world: canonical colour+shape 46% → 91%)."""
     weight = compute_loss_weighting_for_sd3(weighting_scheme, sigmas).to(pred_x0).view(-1, *([1] * (pred_x0.ndim - 1)))

@@ -1,7 +1,7 @@
 """RecA's reconstruction instructions, written for this project.
 
 The official code draws one of 360 instructions per sample; diverse instructions matter for some
-models (Show-o) and not for others (Harmon), so a bank is the safe default (the official RecA configs use a bank of 360).
+models (Show-o) and not for others (Harmon), so a bank is the safe default.
 """
 
 from __future__ import annotations

@@ -30,8 +30,14 @@ def write_samples(umm, recon: Batch | None, cfg: Config, path: Path, accelerator
             rows += [[a, b] for a, b in zip(to_pil(recon.target[:k]), recons)]
         if t.sample_prompts:
             prompts = list(t.sample_prompts)
-            rows.append(umm.generate(Condition(texts=prompts), seeds=list(range(len(prompts))),
-                                     guidance_scale=t.guidance_scale, num_steps=t.sample_steps))
+            rows.append(
+                umm.generate(
+                    Condition(texts=prompts),
+                    seeds=list(range(len(prompts))),
+                    guidance_scale=t.guidance_scale,
+                    num_steps=t.sample_steps,
+                )
+            )
     umm.train(was_training)
     grid = rows_grid(rows)
     buf = io.BytesIO()

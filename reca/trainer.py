@@ -141,8 +141,10 @@ def count_nonfinite(state: ckpt.TrainState, bad: bool, limit: int) -> None:
     state.nonfinite_in_a_row += 1
     log.warning(f"step {state.step}: non-finite loss, update skipped ({state.nonfinite_in_a_row} in a row)")
     if state.nonfinite_in_a_row >= limit:
-        raise RuntimeError(f"{state.nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite={limit}); "
-                           "lower optim.lr or check the data")
+        raise RuntimeError(
+            f"{state.nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite={limit}); "
+            "lower optim.lr or check the data"
+        )
 
 
 def step_info(r: Run, seconds: float, timings: dict[str, float]) -> dict:
@@ -194,7 +196,11 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
 
     adapter, encoder = build(cfg)
     encoder.to("cpu" if t.offload_encoder else acc.device)
-    cache = EmbeddingCache(t.embedding_cache, encoder.identity, t.cache_dtype, acc.process_index) if t.embedding_cache else None
+    cache = (
+        EmbeddingCache(t.embedding_cache, encoder.identity, t.cache_dtype, acc.process_index)
+        if t.embedding_cache
+        else None
+    )
     enable_options(adapter, cfg)
     if warning := bottleneck_check(encoder, adapter.resolution):
         if isinstance(adapter, BottleneckByDesign):
@@ -211,9 +217,13 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     params = [p for p in task.parameters() if p.requires_grad]
     frozen_ids = {id(p) for p in encoder.module.parameters()}
     assert not any(id(p) in frozen_ids for p in params), "the semantic encoder must never be optimised"
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    )
     # Not prepared by accelerate on purpose: prepared schedulers step once per process.
-    lr_scheduler = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=t.max_steps)
+    lr_scheduler = get_scheduler(
+        cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=t.max_steps
+    )
     state = ckpt.TrainState()
     task, optimizer = acc.prepare(task, optimizer)
     acc.register_for_checkpointing(lr_scheduler, state)
@@ -225,21 +235,27 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
         truncate_log(out / "log.jsonl", state.step)
     streams = open_streams(cfg, adapter.resolution, encoder, state.step, acc.process_index, acc.num_processes)
     if cfg.log.wandb and acc.log_with:
-        acc.init_trackers(cfg.log.project, config=resolved, init_kwargs={"wandb": {"name": cfg.log.run_name or None, "dir": str(out)}})
+        acc.init_trackers(
+            cfg.log.project, config=resolved, init_kwargs={"wandb": {"name": cfg.log.run_name or None, "dir": str(out)}}
+        )
     return Run(cfg, acc, task, encoder, cache, optimizer, lr_scheduler, params, state, streams, out)
 
 
 def enable_options(adapter, cfg: Config) -> None:
     """``train.gradient_checkpointing`` / ``train.compile``, through the adapter's optional hooks."""
-    for flag, protocol, method in (("gradient_checkpointing", GradientCheckpointing, "enable_gradient_checkpointing"),
-                                   ("compile", Compilable, "compile_modules")):
+    for flag, protocol, method in (
+        ("gradient_checkpointing", GradientCheckpointing, "enable_gradient_checkpointing"),
+        ("compile", Compilable, "compile_modules"),
+    ):
         if getattr(cfg.train, flag):
             if not isinstance(adapter, protocol):
                 raise ConfigError(f"train.{flag}: {type(adapter).__name__} has no {method}(); set it to false")
             getattr(adapter, method)()
 
 
-def open_streams(cfg: Config, resolution: int, encoder: FrozenEncoder, step: int, rank: int, world: int) -> dict[str, Iterator[dict]]:
+def open_streams(
+    cfg: Config, resolution: int, encoder: FrozenEncoder, step: int, rank: int, world: int
+) -> dict[str, Iterator[dict]]:
     """One endless batch stream per active objective, positioned at ``step`` (exact resume)."""
     t = cfg.train
     active = active_objectives(cfg.objectives)
@@ -249,17 +265,29 @@ def open_streams(cfg: Config, resolution: int, encoder: FrozenEncoder, step: int
         src = active[name].data
         captions = OBJECTIVES[name].needs_captions
         ds = open_source(src, need_captions=captions, key=f"objectives.{name}.data")
-        streams[name] = batches(ds, batch_size=n, transform=transform_for(name, resolution, encoder.preprocess),
-                                caption_column=src.caption_column if captions else None, seed=data_seed(t.seed, name),
-                                rank=rank, world_size=world, start_batch=step * t.grad_accum, num_workers=t.num_workers,
-                                image_column=src.image_column, min_side=src.min_side)
+        streams[name] = batches(
+            ds,
+            batch_size=n,
+            transform=transform_for(name, resolution, encoder.preprocess),
+            caption_column=src.caption_column if captions else None,
+            seed=data_seed(t.seed, name),
+            rank=rank,
+            world_size=world,
+            start_batch=step * t.grad_accum,
+            num_workers=t.num_workers,
+            image_column=src.image_column,
+            min_side=src.min_side,
+        )
     return streams
 
 
 def finish(r: Run) -> None:
     if r.cache:
         r.cache.flush()
-        print(f"embedding cache: {r.cache.hits} hits, {r.cache.misses} misses, {r.cache.disk_bytes() / 2**20:.1f} MiB in {r.cache.dir}")
+        print(
+            f"embedding cache: {r.cache.hits} hits, {r.cache.misses} misses, {r.cache.disk_bytes() / 2**20:.1f} MiB "
+            f"in {r.cache.dir}"
+        )
     if r.accelerator.is_main_process:
         export_final(r.umm, r.cfg, r.out / "final")
     r.accelerator.end_training()

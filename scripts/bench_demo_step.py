@@ -49,9 +49,18 @@ def main() -> None:
             cfg = demo.base_config(a.out)
             if tok == "byte":  # no tokenizer configured: the byte-level fallback for random LMs
                 cfg = demo.derive(cfg, model={"args": {k: v for k, v in cfg.model.args.items() if k != "tokenizer"}})
-            cfg = demo.derive(cfg, optim={"warmup_steps": 1},
-                              train={"max_steps": a.steps, "batch_size": batch, "log_every": 1, "save_every": a.steps,
-                                     "sample_every": 0, "output_dir": str(run)})
+            cfg = demo.derive(
+                cfg,
+                optim={"warmup_steps": 1},
+                train={
+                    "max_steps": a.steps,
+                    "batch_size": batch,
+                    "log_every": 1,
+                    "save_every": a.steps,
+                    "sample_every": 0,
+                    "output_dir": str(run),
+                },
+            )
             cfg = demo.with_shares(cfg, shares)
             validate(cfg)
             fit(cfg)

@@ -60,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         t = _time(fn, args.runs, device)
         rows.append({"case": name, "median_s": statistics.median(t), "min_s": min(t), "runs": args.runs})
 
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
-           "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+    env = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
     width = max(len(r["case"]) for r in rows)
     print(f"{'case':<{width}}  median s   min s   ({env['device']}, {env['threads']} threads, torch {env['torch']})")
     for r in rows:

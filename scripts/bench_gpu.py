@@ -49,7 +49,9 @@ def main() -> None:
     res = adapter.resolution
     target = torch.rand(a.batch, 3, res, res, device=device) * 2 - 1
     enc_in = torch.randn(a.batch, 3, encoder.input_size, encoder.input_size, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16" or device.type == "cuda")
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16" or device.type == "cuda"
+    )
 
     def step(i: int) -> None:
         seeds = [sample_seed(0, "recon", i, j) for j in range(a.batch)]
@@ -75,11 +77,16 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
     result = {
-        "config": a.config, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "batch": a.batch, "resolution": res,
-        "params_total": sum(q.numel() for q in adapter.parameters()), "params_trained": sum(q.numel() for q in params),
-        "step_seconds": sec, "samples_per_s": a.batch / sec,
-        "tflops_per_step": flops / 1e12, "achieved_tflops": flops / sec / 1e12,
+        "config": a.config,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "batch": a.batch,
+        "resolution": res,
+        "params_total": sum(q.numel() for q in adapter.parameters()),
+        "params_trained": sum(q.numel() for q in params),
+        "step_seconds": sec,
+        "samples_per_s": a.batch / sec,
+        "tflops_per_step": flops / 1e12,
+        "achieved_tflops": flops / sec / 1e12,
         "mfu": flops / sec / (a.peak_tflops * 1e12),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     }

@@ -30,8 +30,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from toy_images import write  # noqa: E402
-
 from reca.adapter import Condition  # noqa: E402
 from reca.build import build, trainable_parameters  # noqa: E402
 from reca.config import load_config  # noqa: E402
@@ -39,16 +37,28 @@ from reca.data import batches, open_source  # noqa: E402
 from reca.objectives import instructions_for, transform_for  # noqa: E402
 from reca.seeds import sample_seed  # noqa: E402
 
+from toy_images import write  # noqa: E402
+
 BENCH = [
-    "model.args.transformer_config.num_layers=4", "model.args.transformer_config.num_attention_heads=4",
-    "model.args.transformer_config.attention_head_dim=32", "model.args.transformer_config.cross_attention_dim=128",
-    "model.args.transformer_config.num_cross_attention_heads=4", "model.args.transformer_config.cross_attention_head_dim=32",
-    "model.args.resolution=64", "model.args.num_queries=16",
-    "encoder.overrides={embed_dim: 64, vision_cfg: {width: 192, layers: 6, patch_size: 8, image_size: 64, head_width: 32}, "
+    "model.args.transformer_config.num_layers=4",
+    "model.args.transformer_config.num_attention_heads=4",
+    "model.args.transformer_config.attention_head_dim=32",
+    "model.args.transformer_config.cross_attention_dim=128",
+    "model.args.transformer_config.num_cross_attention_heads=4",
+    "model.args.transformer_config.cross_attention_head_dim=32",
+    "model.args.resolution=64",
+    "model.args.num_queries=16",
+    "encoder.overrides={embed_dim: 64, vision_cfg: {width: 192, layers: 6, patch_size: 8, image_size: 64, "
+    "head_width: 32}, "
     "text_cfg: {width: 32, layers: 1, heads: 2, context_length: 77}}",
     "encoder.input_size=48",
-    "objectives.t2i.share=0", "objectives.i2t.share=0", "train.batch_size=8",
-    "train.log_every=1", "train.save_every=100000", "train.sample_prompts=[]", "optim.warmup_steps=0",
+    "objectives.t2i.share=0",
+    "objectives.i2t.share=0",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.save_every=100000",
+    "train.sample_prompts=[]",
+    "optim.warmup_steps=0",
 ]
 
 
@@ -59,8 +69,10 @@ def median(xs: list[float]) -> float:
 def run_fit(data: Path, out: Path, steps: int, *extra: str) -> list[dict]:
     from reca.trainer import fit
 
-    cfg = load_config(ROOT / "configs/tiny.yaml", [f"objectives.recon.data.path={data}", f"train.output_dir={out}",
-                                                    f"train.max_steps={steps}", *BENCH, *extra])
+    cfg = load_config(
+        ROOT / "configs/tiny.yaml",
+        [f"objectives.recon.data.path={data}", f"train.output_dir={out}", f"train.max_steps={steps}", *BENCH, *extra],
+    )
     fit(cfg)
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
@@ -79,8 +91,15 @@ def bare_loop(data: Path, steps: int, warmup: int) -> tuple[float, float]:
     params = [p for p in adapter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     ds = open_source(cfg.objectives.recon.data, need_captions=False)
-    batch = next(batches(ds, batch_size=cfg.train.batch_size, transform=transform_for("recon", adapter.resolution, encoder.preprocess),
-                         caption_column=None, seed=0))
+    batch = next(
+        batches(
+            ds,
+            batch_size=cfg.train.batch_size,
+            transform=transform_for("recon", adapter.resolution, encoder.preprocess),
+            caption_column=None,
+            seed=0,
+        )
+    )
     times, enc_times = [], []
     for step in range(steps):
         t0 = time.perf_counter()
@@ -88,7 +107,9 @@ def bare_loop(data: Path, steps: int, warmup: int) -> tuple[float, float]:
         t1 = time.perf_counter()
         sem = encoder(batch["enc"])
         enc_times.append(time.perf_counter() - t1)
-        loss = adapter.generation_loss(batch["target"], Condition(semantic=sem, instructions=instructions_for(seeds, cfg.objectives)), seeds)
+        loss = adapter.generation_loss(
+            batch["target"], Condition(semantic=sem, instructions=instructions_for(seeds, cfg.objectives)), seeds
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         opt.step()
@@ -101,8 +122,13 @@ def pipeline_rate(data: Path, n_batches: int = 20) -> float:
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"objectives.recon.data.path={data}", *BENCH])
     adapter, encoder = build(cfg)
     ds = open_source(cfg.objectives.recon.data, need_captions=False)
-    stream = batches(ds, batch_size=cfg.train.batch_size, transform=transform_for("recon", adapter.resolution, encoder.preprocess),
-                     caption_column=None, seed=0)
+    stream = batches(
+        ds,
+        batch_size=cfg.train.batch_size,
+        transform=transform_for("recon", adapter.resolution, encoder.preprocess),
+        caption_column=None,
+        seed=0,
+    )
     next(stream)
     t0 = time.perf_counter()
     for _ in range(n_batches):
@@ -119,8 +145,15 @@ def saved_activation_bytes(data: Path, checkpointing: bool) -> dict:
         adapter.enable_gradient_checkpointing()
     adapter.train()
     ds = open_source(cfg.objectives.recon.data, need_captions=False)
-    batch = next(batches(ds, batch_size=cfg.train.batch_size, transform=transform_for("recon", adapter.resolution, encoder.preprocess),
-                         caption_column=None, seed=0))
+    batch = next(
+        batches(
+            ds,
+            batch_size=cfg.train.batch_size,
+            transform=transform_for("recon", adapter.resolution, encoder.preprocess),
+            caption_column=None,
+            seed=0,
+        )
+    )
     seeds = list(range(len(batch["target"])))
     total = {"bytes": 0}
 
@@ -129,7 +162,9 @@ def saved_activation_bytes(data: Path, checkpointing: bool) -> dict:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = adapter.generation_loss(batch["target"], Condition(semantic=encoder(batch["enc"]), instructions=["Redraw it."] * len(seeds)), seeds)
+        loss = adapter.generation_loss(
+            batch["target"], Condition(semantic=encoder(batch["enc"]), instructions=["Redraw it."] * len(seeds)), seeds
+        )
     loss.backward()
     return {"saved_bytes": total["bytes"]}
 
@@ -157,14 +192,18 @@ def main() -> None:
         ckpt_mem = saved_activation_bytes(data, True)
     batch = 8
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-                   f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
         "step_seconds": {"reca": ours, "bare_pytorch": bare, "reca_cached": warm, "encoder_only": enc},
         "ratio_step_reca_over_bare": ours / bare,
         # the loop times its own encoder calls (time/encode): the cache's saving measured where it happens
-        "encode_seconds": {"uncached": median([r["time/encode"] for r in ours_log[warmup:]]),
-                           "cached": median([r["time/encode"] for r in warm_log[warmup:]])},
-        "encoder_share_saved_by_cache": 1 - median([r["time/encode"] for r in warm_log[warmup:]]) / median([r["time/encode"] for r in ours_log[warmup:]]),
+        "encode_seconds": {
+            "uncached": median([r["time/encode"] for r in ours_log[warmup:]]),
+            "cached": median([r["time/encode"] for r in warm_log[warmup:]]),
+        },
+        "encoder_share_saved_by_cache": 1
+        - median([r["time/encode"] for r in warm_log[warmup:]]) / median([r["time/encode"] for r in ours_log[warmup:]]),
         "pipeline_images_per_s": rate,
         "trainer_images_per_s": batch / ours,
         "ratio_pipeline_over_consumption": rate / (batch / ours),
@@ -173,9 +212,16 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     print(f"\n(1) reca step / bare PyTorch step           {result['ratio_step_reca_over_bare']:.3f}   (goal <= 1.10)")
-    print(f"(2) encoder time saved by the cache          {100 * result['encoder_share_saved_by_cache']:.0f} %  (goal >= 90 %)")
-    print(f"(3) data pipeline / trainer consumption      {result['ratio_pipeline_over_consumption']:.1f}x   (goal >= 2x)")
-    print(f"(4) activation memory, checkpointed / plain  {result['ratio_activation_memory_checkpointed_over_plain']:.3f}")
+    print(
+        f"(2) encoder time saved by the cache          {100 * result['encoder_share_saved_by_cache']:.0f} %  (goal "
+        ">= 90 %)"
+    )
+    print(
+        f"(3) data pipeline / trainer consumption      {result['ratio_pipeline_over_consumption']:.1f}x   (goal >= 2x)"
+    )
+    print(
+        f"(4) activation memory, checkpointed / plain  {result['ratio_activation_memory_checkpointed_over_plain']:.3f}"
+    )
     if a.out:
         a.out.write_text(json.dumps(result, indent=2))
 

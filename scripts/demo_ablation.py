@@ -31,30 +31,41 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="fine-tuning steps (default: the demo's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the demo's)")
-    p.add_argument("--shares", type=parse_shares,
-                   help="RecA's mixture, e.g. recon=0.5,t2i=0,i2t=0.5 (default: the demo's)")
+    p.add_argument(
+        "--shares", type=parse_shares, help="RecA's mixture, e.g. recon=0.5,t2i=0,i2t=0.5 (default: the demo's)"
+    )
     a = p.parse_args()
     if not (a.out / "pretrain/final").is_dir():
         raise SystemExit(f"{a.out}: run `make demo` first (needs {a.out}/pretrain/final)")
     base = demo.DemoSettings()
-    settings = dataclasses.replace(base, reca_steps=a.steps or base.reca_steps, reca_lr=a.lr or base.reca_lr,
-                                   reca_shares=a.shares or base.reca_shares)
+    settings = dataclasses.replace(
+        base,
+        reca_steps=a.steps or base.reca_steps,
+        reca_lr=a.lr or base.reca_lr,
+        reca_shares=a.shares or base.reca_shares,
+    )
     shares = ",".join(f"{k}{v:g}" for k, v in settings.reca_shares.items())
     tag = f"steps{settings.reca_steps}-lr{settings.reca_lr:g}-{shares}"
     scorer = WorldScorer.load_or_train(a.out / "cache/scorer.pt")
     for arm in ("reca", "control"):
         name = f"abl-{tag}-{arm}-seed{a.seed}"
-        demo.cached(a.out / "stages" / f"train-{name}.json",
-                    lambda: demo.train(a.out / name, demo.finetune_config(a.out, settings, arm, a.seed)))
-        result = demo.cached(a.out / "stages" / f"eval-{name}.json",
-                             lambda: demo.evaluate(a.out, name, a.out / name / "final", settings, scorer))
+        demo.cached(
+            a.out / "stages" / f"train-{name}.json",
+            lambda: demo.train(a.out / name, demo.finetune_config(a.out, settings, arm, a.seed)),
+        )
+        result = demo.cached(
+            a.out / "stages" / f"eval-{name}.json",
+            lambda: demo.evaluate(a.out, name, a.out / name / "final", settings, scorer),
+        )
         g, r, u = result["generation"], result["reconstruction"]["rare"], result["understanding"]["rare"]
-        print(f"{name}: rare right colour {g['rare']['colour']}/{g['rare']['n']}, "
-              f"rare colour+shape {g['rare']['both']}/{g['rare']['n']}, "
-              f"rare drawn canonical {g['rare']['drawn_canonical_colour']}/{g['rare']['n']}, "
-              f"canonical colour+shape {g['canonical']['both']}/{g['canonical']['n']}, "
-              f"understanding rare {u['correct']}/{u['n']}, "
-              f"reconstruction rare {r['both']}/{r['n']}")
+        print(
+            f"{name}: rare right colour {g['rare']['colour']}/{g['rare']['n']}, "
+            f"rare colour+shape {g['rare']['both']}/{g['rare']['n']}, "
+            f"rare drawn canonical {g['rare']['drawn_canonical_colour']}/{g['rare']['n']}, "
+            f"canonical colour+shape {g['canonical']['both']}/{g['canonical']['n']}, "
+            f"understanding rare {u['correct']}/{u['n']}, "
+            f"reconstruction rare {r['both']}/{r['n']}"
+        )
         print(json.dumps(result))
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from test_encoders import TINY_CLIP, images
 
 from reca.cache import EmbeddingCache, content_key
 from reca.config import EncoderConfig
 from reca.encoders import build_encoder
-from test_encoders import TINY_CLIP, images
 
 
 class Counting:
@@ -25,7 +25,9 @@ class Counting:
 
 def encoder(layer: int = -2, input_size: int = 0, seed: int = 0):
     torch.manual_seed(seed)
-    return build_encoder(EncoderConfig(kind="open_clip", name="ViT-B-32", overrides=TINY_CLIP, layer=layer, input_size=input_size))
+    return build_encoder(
+        EncoderConfig(kind="open_clip", name="ViT-B-32", overrides=TINY_CLIP, layer=layer, input_size=input_size)
+    )
 
 
 def pixels(enc, n=3):

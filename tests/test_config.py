@@ -21,7 +21,9 @@ def test_every_config_parses(path: Path) -> None:
 
 
 def test_overrides_are_typed_and_nested() -> None:
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["optim.lr=1e-5", "lora.rank=4", "lora.enabled=true", "optim.betas=[0.8, 0.9]"])
+    cfg = load_config(
+        ROOT / "configs/tiny.yaml", ["optim.lr=1e-5", "lora.rank=4", "lora.enabled=true", "optim.betas=[0.8, 0.9]"]
+    )
     assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)
     assert cfg.lora.rank == 4 and cfg.lora.enabled is True
     assert cfg.optim.betas == [0.8, 0.9]

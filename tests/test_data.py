@@ -183,6 +183,7 @@ def test_everything_bad_raises_instead_of_hanging(tmp_path, monkeypatch) -> None
 
 # ------------------------------------------------------------------------------ sources
 
+
 def write_pool(root: Path, n: int = 12, bad: int = 0) -> list[str]:
     """``n`` distinct 16×16 images named i0.png… and ``bad`` unreadable ones, as relative paths."""
     (root / "img").mkdir(exist_ok=True)
@@ -198,7 +199,9 @@ def write_pool(root: Path, n: int = 12, bad: int = 0) -> list[str]:
 
 def write_jsonl(root: Path, names: list[str], captions: bool = True) -> Path:
     path = root / "pool.jsonl"
-    path.write_text("".join(json.dumps({"image": n} | ({"caption": Path(n).stem} if captions else {})) + "\n" for n in names))
+    path.write_text(
+        "".join(json.dumps({"image": n} | ({"caption": Path(n).stem} if captions else {})) + "\n" for n in names)
+    )
     return path
 
 
@@ -234,7 +237,9 @@ def test_missing_captions_and_paths_name_the_key(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"objectives\.i2t\.data\.caption_column"):
         open_source(DataSource(path=str(plain), caption_column=""), need_captions=True, key="objectives.i2t.data")
     with pytest.raises(ValueError, match=r"objectives\.recon\.data\.image_column.*'picture'"):
-        open_source(DataSource(path=str(plain), image_column="picture"), need_captions=False, key="objectives.recon.data")
+        open_source(
+            DataSource(path=str(plain), image_column="picture"), need_captions=False, key="objectives.recon.data"
+        )
     for path in (str(tmp_path / "nope.jsonl"), str(tmp_path / "no" / "such" / "dir"), "no_such_dataset_name", ""):
         with pytest.raises(FileNotFoundError, match=r"^objectives\.recon\.data\.path") as e:
             open_source(DataSource(path=path), need_captions=False, key="objectives.recon.data")
@@ -270,10 +275,13 @@ def test_saved_and_in_memory_datasets(tmp_path) -> None:
 
 # ------------------------------------------------------------------------------ order
 
+
 @pytest.fixture
 def pool(tmp_path) -> datasets.Dataset:
     """12 good images and 3 broken ones, so skips shift batch boundaries."""
-    return open_source(DataSource(path=str(write_jsonl(tmp_path, write_pool(tmp_path, n=12, bad=3)))), need_captions=True)
+    return open_source(
+        DataSource(path=str(write_jsonl(tmp_path, write_pool(tmp_path, n=12, bad=3)))), need_captions=True
+    )
 
 
 def test_order_is_a_function_of_the_seed(pool) -> None:
@@ -297,9 +305,17 @@ def test_resume_reproduces_the_stream_exactly(pool) -> None:
 def test_ranks_are_disjoint_and_cover_an_epoch(tmp_path) -> None:
     ds = open_source(DataSource(path=str(write_jsonl(tmp_path, write_pool(tmp_path, n=12)))), need_captions=True)
     for world in (2, 3):
-        seen = [[c for b in take(stream(ds, batch_size=2, rank=r, world_size=world), 12 // world // 2) for c in b["caption"]]
-                for r in range(world)]
-        assert sum(len(s) for s in seen) == 12 and sorted(c for s in seen for c in s) == sorted(f"i{i}" for i in range(12))
+        seen = [
+            [
+                c
+                for b in take(stream(ds, batch_size=2, rank=r, world_size=world), 12 // world // 2)
+                for c in b["caption"]
+            ]
+            for r in range(world)
+        ]
+        assert sum(len(s) for s in seen) == 12 and sorted(c for s in seen for c in s) == sorted(
+            f"i{i}" for i in range(12)
+        )
     with pytest.raises(ValueError, match="cannot be shared"):
         next(stream(ds, world_size=13))
 
@@ -323,8 +339,12 @@ def test_streaming_manifest(tmp_path) -> None:
     assert [b["caption"] for b in take(stream(ds, seed=9), 4)] != [b["caption"] for b in full[:4]]
     clean = tmp_path / "clean"
     clean.mkdir()
-    ds = open_source(DataSource(path=str(write_jsonl(clean, write_pool(clean, n=12))), streaming=True), need_captions=True)
+    ds = open_source(
+        DataSource(path=str(write_jsonl(clean, write_pool(clean, n=12))), streaming=True), need_captions=True
+    )
     halves = [[c for b in take(stream(ds, seed=4, rank=r, world_size=2), 2) for c in b["caption"]] for r in (0, 1)]
     assert not set(halves[0]) & set(halves[1]) and len(halves[0] + halves[1]) == 12
     with pytest.raises(ValueError, match=r"data\.t2i\.caption_column"):
-        open_source(DataSource(path=str(manifest), streaming=True, caption_column="text"), need_captions=True, key="data.t2i")
+        open_source(
+            DataSource(path=str(manifest), streaming=True, caption_column="text"), need_captions=True, key="data.t2i"
+        )

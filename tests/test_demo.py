@@ -66,11 +66,16 @@ def test_control_arm_replaces_reconstruction_by_captioned_samples() -> None:
     batch, seed, schedule and image-to-text share; its generation samples are captioned ones."""
     s = demo.DemoSettings()
     reca, control = (dotted(to_dict(demo.finetune_config(Path("out"), s, arm, 0))) for arm in ("reca", "control"))
-    shares = {arm: {k: float(o[f"objectives.{k}.share"]) for k in OBJECTIVES} for arm, o in (("reca", reca), ("control", control))}
+    shares = {
+        arm: {k: float(o[f"objectives.{k}.share"]) for k in OBJECTIVES}
+        for arm, o in (("reca", reca), ("control", control))
+    }
     assert shares["control"]["recon"] == 0.0 and shares["reca"]["recon"] > 0
     assert shares["control"]["t2i"] == shares["reca"]["t2i"] + shares["reca"]["recon"]
     assert shares["control"]["i2t"] == shares["reca"]["i2t"]
-    assert {k: v for k, v in reca.items() if ".share" not in k} == {k: v for k, v in control.items() if ".share" not in k}
+    assert {k: v for k, v in reca.items() if ".share" not in k} == {
+        k: v for k, v in control.items() if ".share" not in k
+    }
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +122,9 @@ def test_lora_arm_trains_an_adapter_and_loads_back(quick_run) -> None:
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert changed, "the LoRA update did not reach the loaded model"
     target = re.compile(MetaQueryAdapter.default_lora_targets)
-    assert all(target.fullmatch(k.rsplit(".", 1)[0]) for k in changed), sorted(changed)[:3]  # only LoRA-targeted layers moved
+    assert all(target.fullmatch(k.rsplit(".", 1)[0]) for k in changed), sorted(changed)[
+        :3
+    ]  # only LoRA-targeted layers moved
 
 
 @pytest.mark.slow

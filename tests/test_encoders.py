@@ -11,10 +11,20 @@ from PIL import Image
 from reca.config import ConfigError, EncoderConfig
 from reca.encoders import build_encoder
 
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"width": 32, "layers": 3, "patch_size": 8, "image_size": 32, "head_width": 16},
-             "text_cfg": {"width": 32, "layers": 1, "heads": 2, "context_length": 77}}
-HF_CLIP = {"model_type": "clip", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-           "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"width": 32, "layers": 3, "patch_size": 8, "image_size": 32, "head_width": 16},
+    "text_cfg": {"width": 32, "layers": 1, "heads": 2, "context_length": 77},
+}
+HF_CLIP = {
+    "model_type": "clip",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
 
 
 def images(n: int = 2) -> list[Image.Image]:
@@ -50,9 +60,13 @@ def test_open_clip_local_checkpoint_file(tmp_path: Path) -> None:
 
     model = open_clip.create_model("ViT-B-32", pretrained=None, **TINY_CLIP)
     torch.save(model.state_dict(), tmp_path / "clip.pt")
-    enc = build_encoder(EncoderConfig(kind="open_clip", name="ViT-B-32", pretrained=str(tmp_path / "clip.pt"), overrides=TINY_CLIP))
+    enc = build_encoder(
+        EncoderConfig(kind="open_clip", name="ViT-B-32", pretrained=str(tmp_path / "clip.pt"), overrides=TINY_CLIP)
+    )
     x = torch.stack([enc.preprocess(im) for im in images()])
-    expected = model.visual.forward_intermediates(x, indices=[1], intermediates_only=True, output_fmt="NLC")["image_intermediates"][0]
+    expected = model.visual.forward_intermediates(x, indices=[1], intermediates_only=True, output_fmt="NLC")[
+        "image_intermediates"
+    ][0]
     torch.testing.assert_close(enc(x), expected)
 
 

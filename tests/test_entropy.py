@@ -75,7 +75,7 @@ def test_median_sigma_is_scale_free_with_closed_form(scale):
     assert median_sigma(z) == pytest.approx(scale * math.sqrt(2), rel=1e-9)
     lam = np.array([(1 + (n - 1) * c) / n] + [(1 - c) / n] * (n - 1))
     assert renyi_entropy(z, alpha=1.0) == pytest.approx(-(lam * np.log(lam)).sum(), abs=1e-9)
-    expected = math.log((lam ** 1.01).sum()) / (1 - 1.01)
+    expected = math.log((lam**1.01).sum()) / (1 - 1.01)
     assert renyi_entropy(z) == pytest.approx(expected, abs=1e-9)
 
 
@@ -194,12 +194,22 @@ def synthetic(n_text: int = 6, n_image: int = 5, n: int = 16) -> tuple[list[Trac
     for j in range(n_text + n_image):
         text = j < n_text
         ks = TEXT_KS if text else [IMAGE_K] * len(TEXT_KS)
-        layers = [clustered(n, k, jitter=1e-3, seed=100 * j + l) for l, k in enumerate(ks)]
+        layers = [clustered(n, k, jitter=1e-3, seed=100 * j + i) for i, k in enumerate(ks)]
         enc.append(Trace(layers, prompt_len=n, modality="text" if text else "image"))
         # response: text generation far from its prompt (new information), image generation a copy
         g = torch.Generator().manual_seed(j)
-        resp.append(Trace([torch.cat([x, 100 + 10 * torch.randn(n, 16, generator=g, dtype=torch.float64) if text
-                                      else x.clone()]) for x in layers], prompt_len=n, modality=enc[-1].modality))
+        resp.append(
+            Trace(
+                [
+                    torch.cat(
+                        [x, 100 + 10 * torch.randn(n, 16, generator=g, dtype=torch.float64) if text else x.clone()]
+                    )
+                    for x in layers
+                ],
+                prompt_len=n,
+                modality=enc[-1].modality,
+            )
+        )
     return enc, resp
 
 
@@ -237,7 +247,9 @@ def test_normalised_curves_do_not_depend_on_log_base():
 
 
 def test_gap_interpolates_different_depths_and_matches_lengths():
-    text = [Trace([clustered(8, k) for k in (1, 1, 4)], 8, "text") for _ in range(3)]  # H = 0, 0, log 4 at depth 0, .5, 1
+    text = [
+        Trace([clustered(8, k) for k in (1, 1, 4)], 8, "text") for _ in range(3)
+    ]  # H = 0, 0, log 4 at depth 0, .5, 1
     image = [Trace([clustered(8, 1) for _ in range(5)], 8, "image") for _ in range(3)]  # flat 0 at depth 0, .25, ... 1
     s = summarise(encoding_trajectory(text + image, sigma=1.0, alpha=1.0), None)
     # text linearly interpolated onto the 5-point grid: log2 · (0, 0, 0, 1, 2), mean 0.6 log 2
@@ -247,7 +259,9 @@ def test_gap_interpolates_different_depths_and_matches_lengths():
     short = [Trace([clustered(4, 4) for _ in range(3)], 4, "text") for _ in range(4)]
     long_ = [Trace([clustered(16, k) for k in (2, 4, 8)], 16, "text") for _ in range(2)]
     flat = [Trace([clustered(16, 2) for _ in range(3)], 16, "image") for _ in range(2)]
-    m = summarise(encoding_trajectory(short + long_ + flat, sigma=1.0, alpha=1.0), None)["encoding"]["gap_length_matched"]
+    m = summarise(encoding_trajectory(short + long_ + flat, sigma=1.0, alpha=1.0), None)["encoding"][
+        "gap_length_matched"
+    ]
     assert m["bins"] == [{"tokens": [16, 32], "text": 2, "image": 2}]
     assert m["value"] == pytest.approx(LOG2, abs=1e-6)  # |(log2, log4, log8) − log2| averaged
 
@@ -267,9 +281,17 @@ def test_json_plot_compare_and_cli(result, tmp_path, capsys):
     assert "| metric | before | after |" in table and "encoding gap" in table and "Warning" not in table
     assert "Warning" in compare({"before": result, "after": analyse(*synthetic(2, 2), alpha=1.0)})
     out = tmp_path / "cli.png"
-    assert main(["plot", "--inputs", f"before={a}", f"after={b}", "--out", str(out), "--md", str(tmp_path / "t.md")]) == 0
+    assert (
+        main(["plot", "--inputs", f"before={a}", f"after={b}", "--out", str(out), "--md", str(tmp_path / "t.md")]) == 0
+    )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "t.md").read_text() == capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "cli.png", "plots", "t.md"]  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.json",
+        "b.json",
+        "cli.png",
+        "plots",
+        "t.md",
+    ]  # no temp files
 
 
 def test_trace_validation():

@@ -75,7 +75,9 @@ class DiscAdapter:
         """Understands colours perfectly: compares the asked colour with the one in the tokens."""
         out = []
         for tokens, question, answer in zip(semantic, prompts, answers):
-            seen = min(GENEVAL_PALETTE, key=lambda c: float(((tokens[0] * 255 - torch.tensor(GENEVAL_PALETTE[c])) ** 2).sum()))
+            seen = min(
+                GENEVAL_PALETTE, key=lambda c: float(((tokens[0] * 255 - torch.tensor(GENEVAL_PALETTE[c])) ** 2).sum())
+            )
             asked = next(c for c in COLORS if f" {c} " in question)
             out.append(0.0 if (answer == "yes") == (asked == seen) else -4.0)
         return torch.tensor(out)
@@ -93,7 +95,9 @@ class ForegroundEncoder:
 
 
 def gen(adapter, prompts, out, **kw):
-    settings = dict(n_images=N, seed=0, guidance_scale=3.0, num_steps=4, batch_size=5, model_info=describe_model(adapter))
+    settings = dict(
+        n_images=N, seed=0, guidance_scale=3.0, num_steps=4, batch_size=5, model_info=describe_model(adapter)
+    )
     settings.update(kw)
     return generate(adapter, prompts, out, **settings)
 
@@ -135,10 +139,17 @@ def test_generate_score_compare(runs, tmp_path):
     assert ra["categories"]["color_rare"]["accuracy"] == 1.0 == ra["overall"]["accuracy"]
     assert rb["overall"]["accuracy"] == 0.5  # unweighted mean of the two categories
     rare = rb["categories"]["color_rare"]
-    assert rare["n_prompts"] == 24 and rare["n_images"] == 24 * N and rare["wilson95"][0] == 0.0 < rare["wilson95"][1] < 0.1
+    assert (
+        rare["n_prompts"] == 24
+        and rare["n_images"] == 24 * N
+        and rare["wilson95"][0] == 0.0 < rare["wilson95"][1] < 0.1
+    )
     assert len(rb["prompts"]) == len(COLOUR_PROMPTS)
     scores = [json.loads(line) for line in (before / "scores" / "palette" / "scores.jsonl").read_text().splitlines()]
-    assert len(scores) == len(COLOUR_PROMPTS) * N and {"index", "tag", "prompt", "image", "correct", "color"} <= scores[0].keys()
+    assert (
+        len(scores) == len(COLOUR_PROMPTS) * N
+        and {"index", "tag", "prompt", "image", "correct", "color"} <= scores[0].keys()
+    )
     assert "| color_rare | 0.0 |" in (before / "scores" / "palette" / "results.md").read_text()
 
     result = compare(before, after, tmp_path / "cmp", n_boot=500)
@@ -207,7 +218,9 @@ def test_rerun_skips_finished_images(tmp_path, monkeypatch):
     assert stats.written == adapter.generated == 2
     assert {p: p.read_bytes() for p in samples} == original  # same seeds, same pixels
     # only the two touched prompts' grids were redrawn
-    assert sorted(w.parent.name for w in writes if w.name == "grid.png") == sorted({gone.parent.parent.name, broken.parent.parent.name})
+    assert sorted(w.parent.name for w in writes if w.name == "grid.png") == sorted(
+        {gone.parent.parent.name, broken.parent.parent.name}
+    )
 
 
 def test_any_subset_and_batch_size_reproduce_the_pixels(runs, tmp_path):
@@ -221,7 +234,7 @@ def test_any_subset_and_batch_size_reproduce_the_pixels(runs, tmp_path):
 
 def test_image_seed_is_the_documented_pure_function():
     seeds = {image_seed(0, p, i) for p in range(50) for i in range(12)}
-    assert len(seeds) == 600 and all(0 <= s < 2 ** 31 for s in seeds)
+    assert len(seeds) == 600 and all(0 <= s < 2**31 for s in seeds)
     assert image_seed(3, 7, 1) == image_seed(3, 7, 1) != image_seed(4, 7, 1)
     sha256 = lambda s: hashlib.sha256(s.encode())  # noqa: E731 (the names SEED_RULE uses)
     for seed, prompt_index, image_index in [(0, 0, 0), (5, 42, 3), (123, 552, 11)]:
@@ -352,8 +365,16 @@ def test_manifest_records_model_and_refuses_a_mismatched_resume(tmp_path):
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert m["model"]["adapter"] == f"{__name__}:DiscAdapter" and m["model"]["checkpoint"] == str(ckpt)
     assert m["model"]["checkpoint_sha256"] == sha256_tree(ckpt)
-    assert {"torch", "transformers", "diffusers", "open_clip", "reca"} <= m["versions"].keys() and m["versions"]["torch"]
-    assert (m["seed_rule"], m["guidance_scale"], m["num_steps"], m["n_images"], m["resolution"]) == (SEED_RULE, 3.0, 4, N, 32)
+    assert {"torch", "transformers", "diffusers", "open_clip", "reca"} <= m["versions"].keys() and m["versions"][
+        "torch"
+    ]
+    assert (m["seed_rule"], m["guidance_scale"], m["num_steps"], m["n_images"], m["resolution"]) == (
+        SEED_RULE,
+        3.0,
+        4,
+        N,
+        32,
+    )
     assert m["prompts"]["count"] == 2 and len(m["prompts"]["sha256"]) == 64
     with pytest.raises(EvalError, match="'guidance_scale' differs"):
         gen(adapter, COLOUR_PROMPTS[:2], tmp_path / "run", model_info=info, guidance_scale=5.0)
@@ -393,10 +414,27 @@ def test_log_wandb_logs_a_table_or_skips_with_a_log_line(runs, caplog, monkeypat
 def test_cli_score_and_compare(runs, tmp_path, capsys):
     before, after = copy_run(runs["before"], tmp_path / "b"), copy_run(runs["after"], tmp_path / "a")
     for run in (before, after):
-        assert main(["score", "--run", str(run), "--scorer", "eval.scorers:PaletteScorer", "--scorer-arg", "min_share=0.25",
-                     "--bootstrap", "100"]) == 0
+        assert (
+            main(
+                [
+                    "score",
+                    "--run",
+                    str(run),
+                    "--scorer",
+                    "eval.scorers:PaletteScorer",
+                    "--scorer-arg",
+                    "min_share=0.25",
+                    "--bootstrap",
+                    "100",
+                ]
+            )
+            == 0
+        )
     assert "color_rare\t0.0" in capsys.readouterr().out
-    assert main(["compare", "--before", str(before), "--after", str(after), "--out", str(tmp_path / "cmp"), "--no-grids"]) == 0
+    assert (
+        main(["compare", "--before", str(before), "--after", str(after), "--out", str(tmp_path / "cmp"), "--no-grids"])
+        == 0
+    )
     assert "color_rare\t0.0 → 100.0\t+100.0" in capsys.readouterr().out
     assert not (tmp_path / "cmp" / "grids").exists()
     assert main(["score", "--run", str(tmp_path / "nope"), "--scorer", "palette"]) == 2
@@ -410,7 +448,9 @@ def test_cli_generate_builds_through_reca(monkeypatch, tmp_path, capsys):
     import reca.config
 
     cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text("train: {guidance_scale: 2.5, sample_steps: 3}\nobjectives: {recon: {share: 1.0, data: {path: unused}}}\n")
+    cfg_file.write_text(
+        "train: {guidance_scale: 2.5, sample_steps: 3}\nobjectives: {recon: {share: 1.0, data: {path: unused}}}\n"
+    )
     seen = {}
     real_load_config = reca.config.load_config
 
@@ -423,8 +463,25 @@ def test_cli_generate_builds_through_reca(monkeypatch, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(p.to_geneval()) + "\n" for p in COLOUR_PROMPTS[:3]))
     out = tmp_path / "run"
-    assert main(["generate", "--config", str(cfg_file), "--prompts", str(prompts), "--out", str(out), "--n", "1",
-                 "--device", "cpu", "train.seed=3"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                str(cfg_file),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--n",
+                "1",
+                "--device",
+                "cpu",
+                "train.seed=3",
+            ]
+        )
+        == 0
+    )
     assert "3 images written" in capsys.readouterr().out
     m = json.loads((out / "manifest.json").read_text())
     assert (m["guidance_scale"], m["num_steps"]) == (2.5, 3)  # defaults from the config

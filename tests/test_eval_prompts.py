@@ -9,16 +9,32 @@ from pathlib import Path
 
 import pytest
 
-from eval.prompts import (COLORS, EvalError, Prompt, load_builtin, load_geneval, load_object_names, load_prompts,
-                          load_t2i_compbench, parse_attribute_phrases, prompts_digest)
+from eval.prompts import (
+    COLORS,
+    EvalError,
+    Prompt,
+    load_builtin,
+    load_geneval,
+    load_object_names,
+    load_prompts,
+    load_t2i_compbench,
+    parse_attribute_phrases,
+    prompts_digest,
+)
 
 BENCH = Path(__file__).resolve().parents[1] / "eval" / "data"  # the benchmarks' own prompt files, shipped
 
 
 def test_geneval_metadata_parses_into_six_tags():
     prompts = load_geneval(BENCH / "geneval" / "evaluation_metadata.jsonl")
-    assert Counter(p.tag for p in prompts) == {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94,
-                                               "position": 100, "color_attr": 100}
+    assert Counter(p.tag for p in prompts) == {
+        "single_object": 80,
+        "two_object": 99,
+        "counting": 80,
+        "colors": 94,
+        "position": 100,
+        "color_attr": 100,
+    }
     assert len(prompts) == 553 and [p.index for p in prompts] == list(range(553))
     first = prompts[0]
     assert (first.prompt, first.include) == ("a photo of a bench", [{"class": "bench", "count": 1}])
@@ -48,23 +64,41 @@ def test_t2i_compbench_files_parse():
 
 def test_t2i_compbench_blank_lines_and_attribute_parsing(tmp_path):
     f = tmp_path / "color_val.txt"
-    f.write_text("a green bench and a blue bowl\n\n   \nA small white kitchen with brown wood floor.\na gray cat and a black mouse")
+    f.write_text(
+        "a green bench and a blue bowl\n\n   \nA small white kitchen with brown wood floor.\na gray cat and a black "
+        "mouse"
+    )
     prompts = load_t2i_compbench(f)
-    assert [p.prompt for p in prompts] == ["a green bench and a blue bowl", "A small white kitchen with brown wood floor.",
-                                           "a gray cat and a black mouse"]
-    assert prompts[0].include == [{"class": "bench", "count": 1, "attribute": "green", "color": "green"},
-                                  {"class": "bowl", "count": 1, "attribute": "blue", "color": "blue"}]
+    assert [p.prompt for p in prompts] == [
+        "a green bench and a blue bowl",
+        "A small white kitchen with brown wood floor.",
+        "a gray cat and a black mouse",
+    ]
+    assert prompts[0].include == [
+        {"class": "bench", "count": 1, "attribute": "green", "color": "green"},
+        {"class": "bowl", "count": 1, "attribute": "blue", "color": "blue"},
+    ]
     assert prompts[1].include == []  # free-form captions are not guessed at
     assert "color" not in prompts[2].include[0]  # gray is not one of GenEval's ten colours
     assert parse_attribute_phrases("an oval mirror and a rectangular painting", "shape")[0] == {
-        "class": "mirror", "count": 1, "attribute": "oval"}
+        "class": "mirror",
+        "count": 1,
+        "attribute": "oval",
+    }
 
 
 def test_geneval_file_with_unknown_fields(tmp_path):
     f = tmp_path / "variant.jsonl"
-    lines = [{"tag": "colors", "include": [{"class": "cup", "count": 1, "color": "purple", "bbox_hint": [1, 2]}],
-              "prompt": "a photo of a purple cup", "source_id": 17, "difficulty": "hard"},
-             {"prompt": "a photo of a dog", "include": [{"class": "dog", "count": 1}], "tag": "single_object"}]
+    lines = [
+        {
+            "tag": "colors",
+            "include": [{"class": "cup", "count": 1, "color": "purple", "bbox_hint": [1, 2]}],
+            "prompt": "a photo of a purple cup",
+            "source_id": 17,
+            "difficulty": "hard",
+        },
+        {"prompt": "a photo of a dog", "include": [{"class": "dog", "count": 1}], "tag": "single_object"},
+    ]
     f.write_text(json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n")
     prompts = load_geneval(f)
     assert [p.index for p in prompts] == [0, 1]
@@ -73,12 +107,15 @@ def test_geneval_file_with_unknown_fields(tmp_path):
     assert prompts[0].to_geneval() == lines[0]
 
 
-@pytest.mark.parametrize("bad, needle", [
-    ('{"tag": "x", "prompt": "a", "include": []}\n{"tag": "x", "prompt": ', "bad.jsonl:2: malformed JSON"),
-    ('{"tag": "x", "include": []}', "bad.jsonl:1: field 'prompt'"),
-    ('{"tag": "x", "prompt": "a", "include": [{"class": "cup", "color": "teal"}]}', "include[0].color 'teal'"),
-    ('{"tag": "x", "prompt": "a", "include": {"class": "cup"}}', "field 'include' must be a list"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ('{"tag": "x", "prompt": "a", "include": []}\n{"tag": "x", "prompt": ', "bad.jsonl:2: malformed JSON"),
+        ('{"tag": "x", "include": []}', "bad.jsonl:1: field 'prompt'"),
+        ('{"tag": "x", "prompt": "a", "include": [{"class": "cup", "color": "teal"}]}', "include[0].color 'teal'"),
+        ('{"tag": "x", "prompt": "a", "include": {"class": "cup"}}', "field 'include' must be a list"),
+    ],
+)
 def test_malformed_geneval_lines_name_file_and_line(tmp_path, bad, needle):
     f = tmp_path / "bad.jsonl"
     f.write_text(bad)
@@ -97,7 +134,9 @@ def test_builtin_set_pairs_rare_colours_with_canonical_controls():
     assert rare.keys() == canon.keys()
     for obj, p in rare.items():
         assert p.include[0]["color"] != canon[obj].include[0]["color"] == p.extra["canonical_color"]
-    assert rare["broccoli"].prompt == "a photo of a yellow broccoli" and canon["broccoli"].include[0]["color"] == "green"
+    assert (
+        rare["broccoli"].prompt == "a photo of a yellow broccoli" and canon["broccoli"].include[0]["color"] == "green"
+    )
     for p in prompts:
         assert p.prompt.strip() and p.include
         for item in p.include:

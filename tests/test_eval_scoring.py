@@ -13,27 +13,49 @@ import torch
 from PIL import Image, ImageDraw
 
 from eval.prompts import COLORS, EvalError, Prompt
-from eval.scorers import (GENEVAL_PALETTE, ClipScorer, PaletteScorer, Scorer, VQAScorer, argmax_label,
-                          average_template_embeddings, build_scorer, foreground_mask, load_scorer, p_yes_from_logprobs,
-                          palette_colour, palette_votes, questions_for, softmax, zero_shot_logits)
+from eval.scorers import (
+    GENEVAL_PALETTE,
+    ClipScorer,
+    PaletteScorer,
+    Scorer,
+    VQAScorer,
+    argmax_label,
+    average_template_embeddings,
+    build_scorer,
+    foreground_mask,
+    load_scorer,
+    p_yes_from_logprobs,
+    palette_colour,
+    palette_votes,
+    questions_for,
+    softmax,
+    zero_shot_logits,
+)
 
 YELLOW = (250, 220, 30)
 close = partial(math.isclose, abs_tol=1e-6)  # log-probabilities pass through float32
 
 
-def disc_image(size: int = 64, centre: tuple[int, int] = (30, 34), radius: int = 12, colour=YELLOW,
-               background=(153, 153, 153)) -> tuple[Image.Image, np.ndarray]:
+def disc_image(
+    size: int = 64, centre: tuple[int, int] = (30, 34), radius: int = 12, colour=YELLOW, background=(153, 153, 153)
+) -> tuple[Image.Image, np.ndarray]:
     """A flat disc on a flat background, and its exact mask."""
     im = Image.new("RGB", (size, size), background)
-    ImageDraw.Draw(im).ellipse([centre[0] - radius, centre[1] - radius, centre[0] + radius, centre[1] + radius], fill=colour)
+    ImageDraw.Draw(im).ellipse(
+        [centre[0] - radius, centre[1] - radius, centre[0] + radius, centre[1] + radius], fill=colour
+    )
     yy, xx = np.mgrid[:size, :size]
-    truth = (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 <= radius ** 2
+    truth = (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 <= radius**2
     return im, truth
 
 
 def prompt(colour: str = "yellow", obj: str = "broccoli", tag: str = "color_rare", **item) -> Prompt:
-    return Prompt(index=0, prompt=f"a photo of a {colour} {obj}", tag=tag,
-                  include=[{"class": obj, "count": 1, "color": colour, **item}])
+    return Prompt(
+        index=0,
+        prompt=f"a photo of a {colour} {obj}",
+        tag=tag,
+        include=[{"class": obj, "count": 1, "color": colour, **item}],
+    )
 
 
 # --------------------------------------------------------------------------- palette and mask
@@ -83,8 +105,12 @@ def test_palette_scorer_single_and_two_object_prompts():
     draw = ImageDraw.Draw(two)
     draw.ellipse([4, 4, 28, 28], fill=GENEVAL_PALETTE["yellow"])
     draw.ellipse([36, 4, 60, 28], fill=GENEVAL_PALETTE["green"])
-    p2 = Prompt(0, "a photo of a yellow broccoli and a green banana", "color_attr",
-                [{"class": "broccoli", "count": 1, "color": "yellow"}, {"class": "banana", "count": 1, "color": "green"}])
+    p2 = Prompt(
+        0,
+        "a photo of a yellow broccoli and a green banana",
+        "color_attr",
+        [{"class": "broccoli", "count": 1, "color": "yellow"}, {"class": "banana", "count": 1, "color": "green"}],
+    )
     assert scorer.score(two, p2)["correct"] is True
     p2.include[1]["color"] = "blue"
     assert scorer.score(two, p2)["correct"] is False
@@ -94,8 +120,12 @@ def test_palette_scorer_single_and_two_object_prompts():
 
 
 def test_template_averaging_normalises_then_averages():
-    emb = torch.tensor([[[2.0, 0.0], [0.0, 5.0]],      # class 0: two templates of different norms
-                        [[1.0, 0.0], [1.0, 0.0]]])     # class 1: identical templates
+    emb = torch.tensor(
+        [
+            [[2.0, 0.0], [0.0, 5.0]],  # class 0: two templates of different norms
+            [[1.0, 0.0], [1.0, 0.0]],
+        ]
+    )  # class 1: identical templates
     avg = average_template_embeddings(emb)
     assert torch.allclose(avg[0], torch.tensor([1.0, 1.0]) / math.sqrt(2))
     assert torch.allclose(avg[1], torch.tensor([1.0, 0.0]))
@@ -157,8 +187,12 @@ def test_vqa_scorer_returns_p_yes_from_the_adapter():
 
 
 def test_vqa_scorer_two_objects_and_free_form_prompts():
-    p2 = Prompt(0, "a photo of an orange eggplant and a purple pumpkin", "color_attr",
-                [{"class": "eggplant", "count": 1, "color": "orange"}, {"class": "pumpkin", "count": 1, "color": "purple"}])
+    p2 = Prompt(
+        0,
+        "a photo of an orange eggplant and a purple pumpkin",
+        "color_attr",
+        [{"class": "eggplant", "count": 1, "color": "orange"}, {"class": "pumpkin", "count": 1, "color": "purple"}],
+    )
     q1, q2 = questions_for(p2)
     assert (q1, q2) == ("Is this an orange eggplant?", "Is this a purple pumpkin?")
     adapter = StandInAdapter({(q1, "yes"): 0.0, (q1, "no"): -math.log(9), (q2, "yes"): -math.log(4), (q2, "no"): 0.0})
@@ -171,8 +205,11 @@ def test_vqa_scorer_two_objects_and_free_form_prompts():
 
 # --------------------------------------------------------------------------- CLIP end to end (tiny, random)
 
-TINY_CLIP = dict(embed_dim=32, vision_cfg={"width": 32, "layers": 1, "patch_size": 16, "image_size": 32, "head_width": 16},
-                 text_cfg={"width": 32, "layers": 1, "heads": 2, "context_length": 77})
+TINY_CLIP = dict(
+    embed_dim=32,
+    vision_cfg={"width": 32, "layers": 1, "patch_size": 16, "image_size": 32, "head_width": 16},
+    text_cfg={"width": 32, "layers": 1, "heads": 2, "context_length": 77},
+)
 NAMES = ["broccoli", "banana", "carrot", "dog", "cup", "clock"]
 
 
@@ -185,7 +222,15 @@ def clip_scorer() -> ClipScorer:
 def test_clip_scorer_structure_and_consistency(clip_scorer):
     im = disc_image()[0]
     out = clip_scorer.score(im, prompt("yellow"))
-    assert {"obj0_present", "obj0_p_present", "obj0_color", "obj0_color_ok", "obj0_p_color", "unverified", "correct"} <= out.keys()
+    assert {
+        "obj0_present",
+        "obj0_p_present",
+        "obj0_color",
+        "obj0_color_ok",
+        "obj0_p_color",
+        "unverified",
+        "correct",
+    } <= out.keys()
     assert isinstance(out["correct"], bool) and isinstance(out["obj0_present"], bool)
     assert 0.0 <= out["obj0_p_present"] <= 1.0 and 0.0 <= out["obj0_p_color"] <= 1.0
     assert out["obj0_color"] in COLORS and out["obj0_color_ok"] == (out["obj0_color"] == "yellow")
@@ -197,8 +242,12 @@ def test_clip_scorer_structure_and_consistency(clip_scorer):
 
 def test_clip_scorer_is_deterministic_and_rebuilds_identically(clip_scorer):
     im = disc_image()[0]
-    p2 = Prompt(0, "a photo of a yellow broccoli and a green banana", "color_attr",
-                [{"class": "broccoli", "count": 1, "color": "yellow"}, {"class": "banana", "count": 1, "color": "green"}])
+    p2 = Prompt(
+        0,
+        "a photo of a yellow broccoli and a green banana",
+        "color_attr",
+        [{"class": "broccoli", "count": 1, "color": "yellow"}, {"class": "banana", "count": 1, "color": "green"}],
+    )
     first = clip_scorer.score(im, p2)
     assert {"obj1_present", "obj1_color"} <= first.keys()
     assert clip_scorer.score(im, p2) == first
@@ -214,9 +263,13 @@ def test_clip_scorer_attributes_mask_and_unverifiable(clip_scorer):
     assert "obj0_attribute" in out and out["unverified"] is False
     odd = Prompt(0, "a photo of a shiny apple", "texture", [{"class": "apple", "count": 1, "attribute": "shiny"}])
     assert clip_scorer.score(im, odd)["unverified"] is True  # no vocabulary to contrast "shiny" with
-    counting = Prompt(0, "a photo of two cups", "counting", [{"class": "cup", "count": 2}], [{"class": "cup", "count": 3}])
+    counting = Prompt(
+        0, "a photo of two cups", "counting", [{"class": "cup", "count": 2}], [{"class": "cup", "count": 3}]
+    )
     assert clip_scorer.score(im, counting)["unverified"] is True
-    masked = ClipScorer(clip_scorer.model, clip_scorer.preprocess, clip_scorer.tokenizer, object_names=NAMES, mask_background=True)
+    masked = ClipScorer(
+        clip_scorer.model, clip_scorer.preprocess, clip_scorer.tokenizer, object_names=NAMES, mask_background=True
+    )
     out = masked.score(im, prompt("yellow"))
     assert 0.05 < out["foreground_fraction"] < 0.3 and out["obj0_color"] in COLORS
     with pytest.raises(EvalError, match="no include items"):
@@ -262,7 +315,12 @@ def test_aggregate_overall_is_unweighted_and_bootstrap_is_over_prompts():
     def rows(index, tag, correct):
         return [{"index": index, "tag": tag, "prompt": f"p{index}", "correct": c} for c in correct]
 
-    data = rows(0, "a", [True, True, False, False]) + rows(1, "b", [False] * 4) + rows(2, "b", [False] * 4) + rows(3, "b", [True] * 4)
+    data = (
+        rows(0, "a", [True, True, False, False])
+        + rows(1, "b", [False] * 4)
+        + rows(2, "b", [False] * 4)
+        + rows(3, "b", [True] * 4)
+    )
     res = aggregate(data, n_boot=500, seed=0)
     a, b = res["categories"]["a"], res["categories"]["b"]
     assert (a["accuracy"], b["accuracy"]) == (0.5, 1 / 3)

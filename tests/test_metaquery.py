@@ -56,7 +56,9 @@ def test_understanding_loss_matches_answer_logprob(tiny) -> None:
     _, sem = batch(encoder, 2)
     prompts, answers = ["Describe."] * 2, ["a red square", "blue"]
     lp = adapter.answer_logprob(sem, prompts, answers)
-    n_tokens = torch.tensor([len(adapter.tokenizer(a, add_special_tokens=False).input_ids) + 1 for a in answers])  # + eos
+    n_tokens = torch.tensor(
+        [len(adapter.tokenizer(a, add_special_tokens=False).input_ids) + 1 for a in answers]
+    )  # + eos
     torch.testing.assert_close(adapter.understanding_loss(sem, prompts, answers), (-lp / n_tokens).mean())
     # answer_logprob of one sample does not depend on its batch neighbours (padding is masked)
     torch.testing.assert_close(adapter.answer_logprob(sem[1:], prompts[1:], answers[1:]), lp[1:], atol=1e-5, rtol=1e-5)
@@ -64,7 +66,9 @@ def test_understanding_loss_matches_answer_logprob(tiny) -> None:
 
 def test_generate_is_seeded_per_image(tiny) -> None:
     _, adapter, _ = tiny
-    ims = adapter.generate(Condition(texts=["a red circle", "a blue square"]), seeds=[3, 4], guidance_scale=2.0, num_steps=3)
+    ims = adapter.generate(
+        Condition(texts=["a red circle", "a blue square"]), seeds=[3, 4], guidance_scale=2.0, num_steps=3
+    )
     assert [im.size for im in ims] == [(32, 32), (32, 32)]
     again = adapter.generate(Condition(texts=["a blue square"]), seeds=[4], guidance_scale=2.0, num_steps=3)
     assert np.array_equal(np.asarray(ims[1]), np.asarray(again[0]))
@@ -79,9 +83,14 @@ def test_every_part_loads_back_by_path(tiny, tmp_path: Path) -> None:
     cond = Condition(semantic=sem, instructions=["Redraw it."] * 2)
     expected = adapter.generation_loss(x, cond, [7, 8])
     # the keys a user fills with hub ids, here pointing at local dirs
-    args = {"lm": str(tmp_path / "umm/lm"), "transformer": str(tmp_path / "umm/transformer"),
-            "vae": str(tmp_path / "umm/vae"), "heads": str(tmp_path / "umm/heads.safetensors"),
-            "num_queries": 8, "resolution": 32}
+    args = {
+        "lm": str(tmp_path / "umm/lm"),
+        "transformer": str(tmp_path / "umm/transformer"),
+        "vae": str(tmp_path / "umm/vae"),
+        "heads": str(tmp_path / "umm/heads.safetensors"),
+        "num_queries": 8,
+        "resolution": 32,
+    }
     for overrides in (args, {"pretrained": str(tmp_path / "umm"), "num_queries": 8, "resolution": 32}):
         loaded = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, args=overrides))
         again, _ = build(loaded)
@@ -92,7 +101,9 @@ def test_bad_part_path_names_the_key(tiny) -> None:
     from reca.config import ConfigError
 
     cfg = tiny[0]
-    bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, args={**cfg.model.args, "transformer": "/no/such/dir"}))
+    bad = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, args={**cfg.model.args, "transformer": "/no/such/dir"})
+    )
     with pytest.raises(ConfigError, match=r"^model\.args\.transformer: cannot load '/no/such/dir'"):
         build(bad)
 
@@ -100,10 +111,16 @@ def test_bad_part_path_names_the_key(tiny) -> None:
 def test_pixel_space_x0_prediction_with_text_through_the_encoder(tmp_path: Path) -> None:
     from reca.flow import velocity_from_x0
 
-    ov = ["model.args.vae_class=none", "model.args.prediction=x0", "model.args.text_path=encoder",
-          "model.args.transformer_config.in_channels=3", "model.args.transformer_config.out_channels=3",
-          "model.args.transformer_config.sample_size=32", "model.args.transformer_config.patch_size=4",
-          "encoder.space=joint"]
+    ov = [
+        "model.args.vae_class=none",
+        "model.args.prediction=x0",
+        "model.args.text_path=encoder",
+        "model.args.transformer_config.in_channels=3",
+        "model.args.transformer_config.out_channels=3",
+        "model.args.transformer_config.sample_size=32",
+        "model.args.transformer_config.patch_size=4",
+        "encoder.space=joint",
+    ]
     cfg = load_config(ROOT / "configs/tiny.yaml", ov)
     torch.manual_seed(0)
     adapter, encoder = build(cfg)
@@ -128,9 +145,12 @@ def test_pixel_space_x0_prediction_with_text_through_the_encoder(tmp_path: Path)
 
 def test_pixart_transformer_trains_samples_and_loads_back(tmp_path: Path) -> None:
     """PixArt (plain softmax attention, the demo's DiT) in place of Sana: loss, sampling, save → load by path."""
-    ov = ["model.args.transformer_class=PixArtTransformer2DModel",
-          "model.args.transformer_config={in_channels: 4, out_channels: 4, num_attention_heads: 2, attention_head_dim: 8, "
-          "num_layers: 1, cross_attention_dim: 16, caption_channels: 24, sample_size: 16, patch_size: 2}"]
+    ov = [
+        "model.args.transformer_class=PixArtTransformer2DModel",
+        "model.args.transformer_config={in_channels: 4, out_channels: 4, num_attention_heads: 2, attention_head_dim: "
+        "8, "
+        "num_layers: 1, cross_attention_dim: 16, caption_channels: 24, sample_size: 16, patch_size: 2}",
+    ]
     cfg = load_config(ROOT / "configs/tiny.yaml", ov)
     torch.manual_seed(0)
     adapter, encoder = build(cfg)

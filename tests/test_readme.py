@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 
 from reca.adapter import Condition, UMMAdapter
 from reca.config import help_lines, load_config
+
+from conftest import ROOT
 
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
@@ -65,10 +66,13 @@ def test_adapter_example_trains_through_reca(tmp_path: Path, toy_data: Path, mon
     built = {}
     real_build = trainer.build
     monkeypatch.setattr(trainer, "build", lambda c: built.setdefault("pair", real_build(c)))
-    cfg = load_config(EXAMPLES / "my_umm.yaml", [
-        *[f"objectives.{k}.data.path={toy_data}" for k in ("recon", "t2i", "i2t")],
-        f"train.output_dir={tmp_path / 'out'}",
-    ])
+    cfg = load_config(
+        EXAMPLES / "my_umm.yaml",
+        [
+            *[f"objectives.{k}.data.path={toy_data}" for k in ("recon", "t2i", "i2t")],
+            f"train.output_dir={tmp_path / 'out'}",
+        ],
+    )
     assert cfg.model.adapter == "my_umm:MyUMM" and cfg.train.max_steps == 40
     trainer.fit(cfg)
     adapter, encoder = built["pair"]
@@ -80,8 +84,9 @@ def test_adapter_example_trains_through_reca(tmp_path: Path, toy_data: Path, mon
     # its save_pretrained output loads back through its own config key
     from my_umm import MyUMM, MyUMMConfig
 
-    again = MyUMM.from_config(MyUMMConfig(semantic_dim=encoder.width, width=32, resolution=16,
-                                          weights=str(tmp_path / "out/final/my_umm.pt")))
+    again = MyUMM.from_config(
+        MyUMMConfig(semantic_dim=encoder.width, width=32, resolution=16, weights=str(tmp_path / "out/final/my_umm.pt"))
+    )
     sem = torch.randn(1, 4, encoder.width)
     cond = Condition(semantic=sem, instructions=["Reconstruct."])
     a = adapter.generate(cond, seeds=[0], num_steps=4)[0]

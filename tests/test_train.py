@@ -14,14 +14,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, tiny_overrides
 from reca.config import load_config
+
+from conftest import ROOT, TINY, tiny_overrides
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 ONE = ACCELERATE + ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 # accelerate on a CPU machine: --multi_gpu plus Accelerator(cpu=True) inside gives real DDP over
 # gloo; `--cpu --num_processes 2` would start one process only (measured with accelerate 1.15).
-TWO = ACCELERATE + ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+TWO = ACCELERATE + [
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 
 
 def env() -> dict:
@@ -65,7 +76,9 @@ def test_sigkill_then_resume_latest_matches_uninterrupted(toy_data, tmp_path: Pa
     out = tmp_path / "killed"
     overrides = tiny_overrides(toy_data, out, "train.max_steps=40", "train.save_every=10", "train.log_every=1")
     cmd = ONE + [str(ROOT / "train.py"), "--config", str(TINY), *overrides]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     while not (out / "checkpoints/checkpoint-10").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -114,8 +127,9 @@ def _fit_capturing(cfg, monkeypatch):
 
 def test_full_finetune_trains_only_trainable_and_keeps_frozen_bit_identical(toy_data, tmp_path, monkeypatch) -> None:
     # the adapter's default_trainable leaves the LM frozen
-    cfg = load_config(TINY, tiny_overrides(toy_data, tmp_path, "train.max_steps=3",
-                                           "train.save_every=100", "train.sample_prompts=[]"))
+    cfg = load_config(
+        TINY, tiny_overrides(toy_data, tmp_path, "train.max_steps=3", "train.save_every=100", "train.sample_prompts=[]")
+    )
     built = _fit_capturing(cfg, monkeypatch)
     after = built["adapter"].state_dict()
     for k, v in built["encoder"].module.state_dict().items():
@@ -134,12 +148,27 @@ def test_lora_trains_only_lora_weights_and_saves_peft_format(toy_data, tmp_path,
     from reca.adapter import Condition
     from reca.build import build
 
-    cfg = load_config(TINY, tiny_overrides(toy_data, tmp_path, "lora.enabled=true", "lora.rank=4", "optim.lr=1e-2",
-                                           "train.max_steps=3", "train.save_every=100", "train.sample_prompts=[]"))
+    cfg = load_config(
+        TINY,
+        tiny_overrides(
+            toy_data,
+            tmp_path,
+            "lora.enabled=true",
+            "lora.rank=4",
+            "optim.lr=1e-2",
+            "train.max_steps=3",
+            "train.save_every=100",
+            "train.sample_prompts=[]",
+        ),
+    )
     built = _fit_capturing(cfg, monkeypatch)
     after = built["adapter"].state_dict()
     lora_keys = [k for k in after if "lora_" in k]
-    assert lora_keys and any(k.startswith("lm.") for k in lora_keys) and any(k.startswith("transformer.") for k in lora_keys)
+    assert (
+        lora_keys
+        and any(k.startswith("lm.") for k in lora_keys)
+        and any(k.startswith("transformer.") for k in lora_keys)
+    )
     assert not any(k.startswith("vae.") for k in lora_keys)
     for k, v in after.items():
         if "lora_" not in k:
@@ -147,7 +176,9 @@ def test_lora_trains_only_lora_weights_and_saves_peft_format(toy_data, tmp_path,
             assert torch.equal(v, built["before"][base]), f"non-LoRA weight {k} changed"
     assert any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in lora_keys if "lora_B" in k)
     # the exported adapter is plain PEFT format; loaded and merged it reproduces the trained model
-    assert (tmp_path / "final/adapter_config.json").is_file() and (tmp_path / "final/adapter_model.safetensors").is_file()
+    assert (tmp_path / "final/adapter_config.json").is_file() and (
+        tmp_path / "final/adapter_model.safetensors"
+    ).is_file()
     torch.manual_seed(123)
     fresh, encoder = build(cfg)
     fresh.load_state_dict(built["before"])
@@ -164,7 +195,12 @@ def test_lora_trains_only_lora_weights_and_saves_peft_format(toy_data, tmp_path,
 
     torch.manual_seed(123)
     overrides = tiny_overrides(toy_data, tmp_path, "lora.enabled=true")
-    assert merge_main(["--config", str(TINY), "--adapter", str(tmp_path / "final"), "--out", str(tmp_path / "merged"), *overrides]) == 0
+    assert (
+        merge_main(
+            ["--config", str(TINY), "--adapter", str(tmp_path / "final"), "--out", str(tmp_path / "merged"), *overrides]
+        )
+        == 0
+    )
     again = load_checkpoint(build(cfg)[0], tmp_path / "merged").eval()
     # the merge script builds a fresh random base: compare against a base with the same init
     torch.manual_seed(123)
@@ -187,9 +223,20 @@ def test_corrupt_and_odd_images_train_and_are_counted(tmp_path, monkeypatch) -> 
     good = folder / "good0.png"
     (folder / "truncated.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     steps = 3
-    cfg = load_config(TINY, [f"objectives.recon.data.path={folder}", "objectives.t2i.share=0", "objectives.i2t.share=0",
-                             "train.batch_size=12", f"train.max_steps={steps}", "train.log_every=1", "train.save_every=100",
-                             "train.sample_prompts=[]", f"train.output_dir={tmp_path / 'out'}"])
+    cfg = load_config(
+        TINY,
+        [
+            f"objectives.recon.data.path={folder}",
+            "objectives.t2i.share=0",
+            "objectives.i2t.share=0",
+            "train.batch_size=12",
+            f"train.max_steps={steps}",
+            "train.log_every=1",
+            "train.save_every=100",
+            "train.sample_prompts=[]",
+            f"train.output_dir={tmp_path / 'out'}",
+        ],
+    )
     _fit_capturing(cfg, monkeypatch)
     last = read_log(tmp_path / "out")[-1]
     # 12 usable images (2 converted) per epoch, 12 per step: each step is one whole epoch, so
@@ -197,7 +244,10 @@ def test_corrupt_and_odd_images_train_and_are_counted(tmp_path, monkeypatch) -> 
     undecodable = last.get("data/skipped/undecodable", 0)
     tiny = last.get("data/skipped/tiny", 0)
     assert 2 * (steps - 1) <= undecodable <= 2 * steps and steps - 1 <= tiny <= steps, last
-    assert steps - 1 <= last.get("data/converted/cmyk", 0) <= steps and steps - 1 <= last.get("data/converted/grayscale", 0) <= steps
+    assert (
+        steps - 1 <= last.get("data/converted/cmyk", 0) <= steps
+        and steps - 1 <= last.get("data/converted/grayscale", 0) <= steps
+    )
 
 
 def test_nonfinite_losses_skip_updates_then_abort(toy_data, tmp_path, monkeypatch) -> None:
@@ -212,16 +262,35 @@ def test_nonfinite_losses_skip_updates_then_abort(toy_data, tmp_path, monkeypatc
         return loss * float("nan") if calls["n"] <= 4 else loss  # recon + t2i of steps 1 and 2
 
     monkeypatch.setattr(MetaQueryAdapter, "generation_loss", flaky)
-    cfg = load_config(TINY, tiny_overrides(toy_data, tmp_path / "a", "train.max_steps=4", "train.log_every=1",
-                                           "train.save_every=100", "train.sample_prompts=[]", "train.max_nonfinite=3"))
+    cfg = load_config(
+        TINY,
+        tiny_overrides(
+            toy_data,
+            tmp_path / "a",
+            "train.max_steps=4",
+            "train.log_every=1",
+            "train.save_every=100",
+            "train.sample_prompts=[]",
+            "train.max_nonfinite=3",
+        ),
+    )
     built = _fit_capturing(cfg, monkeypatch)
     log = read_log(tmp_path / "a")
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(r["loss"] != r["loss"] for r in log[:2]) and all(r["loss"] == r["loss"] for r in log[2:])
 
-    calls["n"] = -10**9  # NaN from now on
-    cfg = load_config(TINY, tiny_overrides(toy_data, tmp_path / "b", "train.max_steps=10", "train.save_every=100",
-                                           "train.sample_prompts=[]", "train.max_nonfinite=3"))
+    calls["n"] = -(10**9)  # NaN from now on
+    cfg = load_config(
+        TINY,
+        tiny_overrides(
+            toy_data,
+            tmp_path / "b",
+            "train.max_steps=10",
+            "train.save_every=100",
+            "train.sample_prompts=[]",
+            "train.max_nonfinite=3",
+        ),
+    )
     with pytest.raises(RuntimeError, match=r"3 non-finite losses in a row \(train.max_nonfinite=3\)"):
         _fit_capturing(cfg, monkeypatch)
     assert built["adapter"] is not None
@@ -242,8 +311,18 @@ def test_wandb_without_api_key_logs_offline_and_says_so(toy_data, tmp_path, monk
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = load_config(TINY, tiny_overrides(toy_data, tmp_path, "log.wandb=true", "train.max_steps=3", "train.log_every=1",
-                                           "train.save_every=100", "train.sample_prompts=[]"))
+    cfg = load_config(
+        TINY,
+        tiny_overrides(
+            toy_data,
+            tmp_path,
+            "log.wandb=true",
+            "train.max_steps=3",
+            "train.log_every=1",
+            "train.save_every=100",
+            "train.sample_prompts=[]",
+        ),
+    )
     _fit_capturing(cfg, monkeypatch)
     assert "wandb: no WANDB_API_KEY — logging offline" in capsys.readouterr().out
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run was written"

@@ -22,11 +22,11 @@ from reca.seeds import per_sample_noise
 
 
 @dataclass
-class MyUMMConfig:          # every field is a YAML key under model.args
-    semantic_dim: int = 0   # filled in from the frozen encoder
+class MyUMMConfig:  # every field is a YAML key under model.args
+    semantic_dim: int = 0  # filled in from the frozen encoder
     width: int = 64
     resolution: int = 16
-    weights: str = ""       # a file written by save_pretrained; empty = random init
+    weights: str = ""  # a file written by save_pretrained; empty = random init
 
 
 class MyUMM(nn.Module):
@@ -82,7 +82,9 @@ class MyUMM(nn.Module):
         return torch.stack([logp[i, list(a.encode())].sum() for i, a in enumerate(answers)])
 
     def understanding_loss(self, semantic, prompts, answers):
-        return -(self.answer_logprob(semantic, prompts, answers) / torch.tensor([len(a.encode()) for a in answers])).mean()
+        return -(
+            self.answer_logprob(semantic, prompts, answers) / torch.tensor([len(a.encode()) for a in answers])
+        ).mean()
 
     @torch.no_grad()
     def generate(self, cond, *, seeds, guidance_scale=1.0, num_steps=20):

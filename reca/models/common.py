@@ -23,12 +23,14 @@ def left_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     x = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
     mask = torch.zeros(len(rows), width, dtype=torch.long, device=x.device)
     for i, r in enumerate(rows):
-        x[i, width - r.shape[0]:] = r
-        mask[i, width - r.shape[0]:] = 1
+        x[i, width - r.shape[0] :] = r
+        mask[i, width - r.shape[0] :] = 1
     return x, mask
 
 
-def right_pad(rows: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def right_pad(
+    rows: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced sequences ``(T_i, d)`` with their labels ``(T_i,)`` → padded embeddings,
     attention mask and labels (``IGNORE`` on padding)."""
     width = max(r.shape[0] for r in rows)
@@ -46,7 +48,9 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def answer_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_logprobs(
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs ``(B, T-1)`` of the labelled tokens and their mask, from the LM's last
     hidden states ``(B, T, d)``: position t predicts token t+1.
 

@@ -54,33 +54,129 @@ SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 # LoRA only inside the LLM: SigLIP has q_proj/k_proj/v_proj too, and a plain name list would put
 # adapters into the (frozen) vision tower. peft full-matches the regex on names.
-LM_LORA = (r"model\.model\.language_model\.layers\.\d+\."
-           r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
+LM_LORA = (
+    r"model\.model\.language_model\.layers\.\d+\."
+    r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+)
 
 
 @dataclass
 class JanusConfig:
-    model: str = field(default="", metadata={"help": "Janus checkpoint: hub id (deepseek-community/Janus-Pro-1B, -7B) or local dir (a transformers Janus folder, or a folder written by save_pretrained); empty = random from model_config"})
-    pretrained: str = field(default="", metadata={"help": "a folder written by save_pretrained (same as model=<folder>; the key reca.build.load_checkpoint fills)"})
-    model_config: dict = field(default_factory=dict, metadata={"help": "transformers JanusConfig fields (text_config, vision_config, vq_config mappings) for a random model (tests)"})
-    processor: str = field(default="", metadata={"help": "JanusProcessor or tokenizer: hub id or dir; empty = the model's own, or a byte-level tokenizer for random models"})
-    semantic_dim: int = field(default=0, metadata={"help": "0 = semantic tokens are Janus's own SigLIP features (encoder.kind=umm) through its aligner; >0 = width of an external encoder's tokens, mapped by a new trainable projector (reca.build fills it)"})
-    train_generation_head: bool = field(default=True, metadata={"help": "full fine-tuning also trains the image-token path: generation_head, generation_embeddings, generation_aligner"})
-    train_aligner: bool = field(default=False, metadata={"help": "full fine-tuning also trains the understanding aligner (SigLIP → LLM); keep image-to-text data on if so"})
-    cond_dropout: float = field(default=0.1, metadata={"help": "probability of training a sample on the unconditional prompt (classifier-free guidance), drawn from the sample's seed"})
-    resolution: int = field(default=384, metadata={"help": "image side in pixels; must equal the VQ model's image size (384 for Janus-Pro)"})
-    max_text_tokens: int = field(default=128, metadata={"help": "user texts (prompts, instructions, questions, answers) are truncated to this many tokens"})
-    generation_template: str = field(default="<|User|>: {prompt}\n\n<|Assistant|>:", metadata={"help": "text-to-image prompt; BOS before and <begin_of_image> after are added (Janus's SFT format)"})
-    understanding_template: str = field(default="<|User|>: {image}\n{prompt}\n\n<|Assistant|>:", metadata={"help": "image-to-text prompt; the answer follows after one space, then EOS"})
-    recon_prompt: str = field(default="{image}\n{instruction}", metadata={"help": "the user turn of a reconstruction condition, put into generation_template's {prompt}; {image} = the semantic tokens between <begin_of_image> and <end_of_image>"})
-    generate_batch_size: int = field(default=1, metadata={"help": "images sampled together by generate(); 1 makes each image a function of its condition and seed alone; larger is faster on GPU, but padding and batch shape change float rounding, which can flip a rare token"})
+    model: str = field(
+        default="",
+        metadata={
+            "help": (
+                "Janus checkpoint: hub id (deepseek-community/Janus-Pro-1B, -7B) or local dir (a transformers "
+                "Janus folder, or a folder written by save_pretrained); empty = random from model_config"
+            )
+        },
+    )
+    pretrained: str = field(
+        default="",
+        metadata={
+            "help": (
+                "a folder written by save_pretrained (same as model=<folder>; the key reca.build.load_checkpoint fills)"
+            )
+        },
+    )
+    model_config: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": (
+                "transformers JanusConfig fields (text_config, vision_config, vq_config mappings) for a random "
+                "model (tests)"
+            )
+        },
+    )
+    processor: str = field(
+        default="",
+        metadata={
+            "help": (
+                "JanusProcessor or tokenizer: hub id or dir; empty = the model's own, or a byte-level tokenizer "
+                "for random models"
+            )
+        },
+    )
+    semantic_dim: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "0 = semantic tokens are Janus's own SigLIP features (encoder.kind=umm) through its aligner; >0 "
+                "= width of an external encoder's tokens, mapped by a new trainable projector (reca.build fills "
+                "it)"
+            )
+        },
+    )
+    train_generation_head: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "full fine-tuning also trains the image-token path: generation_head, generation_embeddings, "
+                "generation_aligner"
+            )
+        },
+    )
+    train_aligner: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "full fine-tuning also trains the understanding aligner (SigLIP → LLM); keep image-to-text data "
+                "on if so"
+            )
+        },
+    )
+    cond_dropout: float = field(
+        default=0.1,
+        metadata={
+            "help": (
+                "probability of training a sample on the unconditional prompt (classifier-free guidance), drawn "
+                "from the sample's seed"
+            )
+        },
+    )
+    resolution: int = field(
+        default=384, metadata={"help": "image side in pixels; must equal the VQ model's image size (384 for Janus-Pro)"}
+    )
+    max_text_tokens: int = field(
+        default=128,
+        metadata={"help": "user texts (prompts, instructions, questions, answers) are truncated to this many tokens"},
+    )
+    generation_template: str = field(
+        default="<|User|>: {prompt}\n\n<|Assistant|>:",
+        metadata={"help": "text-to-image prompt; BOS before and <begin_of_image> after are added (Janus's SFT format)"},
+    )
+    understanding_template: str = field(
+        default="<|User|>: {image}\n{prompt}\n\n<|Assistant|>:",
+        metadata={"help": "image-to-text prompt; the answer follows after one space, then EOS"},
+    )
+    recon_prompt: str = field(
+        default="{image}\n{instruction}",
+        metadata={
+            "help": (
+                "the user turn of a reconstruction condition, put into generation_template's {prompt}; {image} = "
+                "the semantic tokens between <begin_of_image> and <end_of_image>"
+            )
+        },
+    )
+    generate_batch_size: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "images sampled together by generate(); 1 makes each image a function of its condition and seed "
+                "alone; larger is faster on GPU, but padding and batch shape change float rounding, which can "
+                "flip a rare token"
+            )
+        },
+    )
 
 
 def _load(fn, ref: str, key: str):
     try:
         return fn(ref)
     except (OSError, ValueError) as e:
-        raise ValueError(f"model.args.{key}: cannot load '{ref}' (hub id or local dir): {str(e).splitlines()[0]}") from None
+        raise ValueError(
+            f"model.args.{key}: cannot load '{ref}' (hub id or local dir): {str(e).splitlines()[0]}"
+        ) from None
 
 
 def _load_processor(ref: str, key: str):
@@ -103,8 +199,14 @@ class JanusAdapter(nn.Module):
     #: why no encoder.input_size bottleneck is needed (a trainer may print it instead of its copy warning)
     bottleneck_by_design: ClassVar[str] = "SigLIP features in, VQ tokens out: no copy path"
 
-    def __init__(self, cfg: JanusConfig, model: transformers.JanusForConditionalGeneration, tokenizer, processor=None,
-                 source: str = "random"):
+    def __init__(
+        self,
+        cfg: JanusConfig,
+        model: transformers.JanusForConditionalGeneration,
+        tokenizer,
+        processor=None,
+        source: str = "random",
+    ):
         super().__init__()
         self.cfg, self.model, self.tokenizer, self.processor, self.source = cfg, model, tokenizer, processor, source
         self.resolution = cfg.resolution
@@ -113,15 +215,24 @@ class JanusAdapter(nn.Module):
         factor = 2 ** (len(vq.channel_multiplier) - 1)
         native = vq.num_patches * factor
         if cfg.resolution != native:
-            raise ValueError(f"model.args.resolution: {cfg.resolution} does not match this Janus model's image size {native} "
-                             f"(VQ grid {vq.num_patches}x{vq.num_patches}, downsampling {factor}); set model.args.resolution={native}")
-        self.num_image_tokens = vq.num_patches ** 2
+            raise ValueError(
+                f"model.args.resolution: {cfg.resolution} does not match this Janus model's image size {native} "
+                f"(VQ grid {vq.num_patches}x{vq.num_patches}, downsampling {factor}); set "
+                f"model.args.resolution={native}"
+            )
+        self.num_image_tokens = vq.num_patches**2
         if vision.num_image_tokens != self.num_image_tokens:
-            raise ValueError(f"model.args.model_config: vision_config.num_image_tokens={vision.num_image_tokens} must be "
-                             f"(image_size/patch_size)^2 = {self.num_image_tokens}, the VQ grid")
+            raise ValueError(
+                f"model.args.model_config: vision_config.num_image_tokens={vision.num_image_tokens} must be "
+                f"(image_size/patch_size)^2 = {self.num_image_tokens}, the VQ grid"
+            )
         if not 0 <= cfg.cond_dropout <= 1:
             raise ValueError("model.args.cond_dropout: must be a probability in [0, 1]")
-        for key, slots in (("generation_template", ["{prompt}"]), ("understanding_template", ["{image}", "{prompt}"]), ("recon_prompt", ["{image}"])):
+        for key, slots in (
+            ("generation_template", ["{prompt}"]),
+            ("understanding_template", ["{image}", "{prompt}"]),
+            ("recon_prompt", ["{image}"]),
+        ):
             missing = [s for s in slots if s not in getattr(cfg, key)]
             if missing:
                 raise ValueError(f"model.args.{key}: needs {' and '.join(missing)}")
@@ -135,12 +246,21 @@ class JanusAdapter(nn.Module):
         self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else gc.bos_token_id
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else gc.eos_token_id
         self.pad_id = gc.pad_token_id if gc.pad_token_id is not None else tokenizer.pad_token_id
-        special = {"image": self.image_id, "boi": self.boi_id, "eoi": self.eoi_id, "bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id}
+        special = {
+            "image": self.image_id,
+            "boi": self.boi_id,
+            "eoi": self.eoi_id,
+            "bos": self.bos_id,
+            "eos": self.eos_id,
+            "pad": self.pad_id,
+        }
         bad = [k for k, v in special.items() if v is None or v == tokenizer.unk_token_id]
         if bad:
             raise ValueError(f"model.args.processor: the tokenizer lacks Janus's {', '.join(bad)} token(s)")
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            raise ValueError(f"model.args.model_config: text_config.vocab_size must be >= {len(tokenizer)} (the tokenizer's size)")
+            raise ValueError(
+                f"model.args.model_config: text_config.vocab_size must be >= {len(tokenizer)} (the tokenizer's size)"
+            )
         # what transformers' own generate(generation_mode="image") needs, for users who call it directly
         mc.image_token_id = self.image_id
         gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = self.bos_id, self.eos_id, self.pad_id
@@ -149,16 +269,27 @@ class JanusAdapter(nn.Module):
         hidden = mc.text_config.hidden_size
         self.projector = None
         if cfg.semantic_dim > 0:  # an external encoder: LayerNorm first, encoders' scales differ widely
-            self.projector = nn.Sequential(nn.LayerNorm(cfg.semantic_dim), nn.Linear(cfg.semantic_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+            self.projector = nn.Sequential(
+                nn.LayerNorm(cfg.semantic_dim),
+                nn.Linear(cfg.semantic_dim, hidden),
+                nn.GELU(),
+                nn.Linear(hidden, hidden),
+            )
         trainable = list(self.default_trainable)
         if cfg.train_generation_head:
-            trainable += ["model.model.generation_head", "model.model.generation_embeddings", "model.model.generation_aligner"]
+            trainable += [
+                "model.model.generation_head",
+                "model.model.generation_embeddings",
+                "model.model.generation_aligner",
+            ]
         if cfg.train_aligner:
             trainable.append("model.model.aligner")
         if self.projector is not None:
             trainable.append("projector")
         self.default_trainable = trainable  # the instance's list overrides the class default
-        if self.projector is not None:  # a new projector is random: LoRA on it too (or lora.modules_to_save: [projector])
+        if (
+            self.projector is not None
+        ):  # a new projector is random: LoRA on it too (or lora.modules_to_save: [projector])
             self.default_lora_targets = rf"({LM_LORA})|(projector\.(1|3))"
         self.model.model.vqmodel.requires_grad_(False).eval()
         self.model.model.vision_model.requires_grad_(False)
@@ -178,9 +309,13 @@ class JanusAdapter(nn.Module):
             try:
                 model = transformers.JanusForConditionalGeneration(transformers.JanusConfig(**args.model_config))
             except (TypeError, ValueError) as e:
-                raise ValueError(f"model.args.model_config: not a valid JanusConfig: {str(e).splitlines()[0]}") from None
+                raise ValueError(
+                    f"model.args.model_config: not a valid JanusConfig: {str(e).splitlines()[0]}"
+                ) from None
         else:
-            raise ValueError("model.args.model: give a hub id / local dir, or model.args.model_config for a random model")
+            raise ValueError(
+                "model.args.model: give a hub id / local dir, or model.args.model_config for a random model"
+            )
         if args.processor or ref:
             processor, tokenizer = _load_processor(args.processor or ref, "processor" if args.processor else key)
         else:
@@ -188,8 +323,13 @@ class JanusAdapter(nn.Module):
         adapter = cls(args, model, tokenizer, processor, source=args.pretrained or args.model or "random")
         if heads is not None and adapter.projector is not None:
             if not heads.is_file():
-                raise ValueError(f"model.args.{key}: '{heads.parent}' has no heads.safetensors for the semantic projector (semantic_dim={args.semantic_dim})")
-            adapter.projector.load_state_dict({k.removeprefix("projector."): v for k, v in load_file(str(heads)).items()})
+                raise ValueError(
+                    f"model.args.{key}: '{heads.parent}' has no heads.safetensors for the semantic projector "
+                    f"(semantic_dim={args.semantic_dim})"
+                )
+            adapter.projector.load_state_dict(
+                {k.removeprefix("projector."): v for k, v in load_file(str(heads)).items()}
+            )
         return adapter
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -201,13 +341,20 @@ class JanusAdapter(nn.Module):
         self.model.save_pretrained(path / "model")
         (self.processor or self.tokenizer).save_pretrained(path / "model")
         if self.projector is not None:
-            save_file({f"projector.{k}": v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}, str(path / "heads.safetensors"))
+            save_file(
+                {f"projector.{k}": v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()},
+                str(path / "heads.safetensors"),
+            )
         # "pretrained" is filled with the folder's path when it is loaded (it may have moved)
         args = asdict(self.cfg) | {"model": "", "pretrained": "", "processor": "", "model_config": {}}
-        (path / "reca_adapter.json").write_text(json.dumps({"adapter": f"{__name__}:{type(self).__name__}", "args": args}, indent=2))
+        (path / "reca_adapter.json").write_text(
+            json.dumps({"adapter": f"{__name__}:{type(self).__name__}", "args": args}, indent=2)
+        )
 
     def enable_gradient_checkpointing(self) -> None:
-        self.model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.model.language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
 
     def compile_modules(self) -> None:
         self.model.model.language_model.compile()
@@ -232,9 +379,14 @@ class JanusAdapter(nn.Module):
         native, patch, depth = vc.image_size, vc.patch_size, vc.num_hidden_layers
         size = input_size or native
         if size % patch:
-            raise ConfigError(f"encoder.input_size: {size} must be a multiple of Janus's SigLIP patch size {patch} (native {native})")
+            raise ConfigError(
+                f"encoder.input_size: {size} must be a multiple of Janus's SigLIP patch size {patch} (native {native})"
+            )
         if not -(depth + 1) <= layer <= depth:
-            raise ConfigError(f"encoder.layer: {layer} is out of range for Janus's SigLIP with {depth} layers (-1 = last, as Janus uses it)")
+            raise ConfigError(
+                f"encoder.layer: {layer} is out of range for Janus's SigLIP with {depth} layers (-1 = last, as Janus "
+                "uses it)"
+            )
         mean, std = SIGLIP_MEAN_STD
         ip = getattr(self.processor, "image_processor", None)
         if ip is not None and getattr(ip, "image_mean", None) is not None:
@@ -244,7 +396,9 @@ class JanusAdapter(nn.Module):
             out = vm(pixel_values=x, output_hidden_states=layer != -1, interpolate_pos_encoding=x.shape[-1] != native)
             return out.last_hidden_state if layer == -1 else out.hidden_states[layer]
 
-        return FrozenEncoder(vm, features, size, mean, std, vc.hidden_size, identity=f"janus:{self.source}:siglip:layer{layer}:{size}px")
+        return FrozenEncoder(
+            vm, features, size, mean, std, vc.hidden_size, identity=f"janus:{self.source}:siglip:layer{layer}:{size}px"
+        )
 
     # ------------------------------------------------------------------ prompts
 
@@ -266,7 +420,9 @@ class JanusAdapter(nn.Module):
             user = self._clip(cond.texts[i])
         else:
             instruction = self._clip(cond.instructions[i]) if cond.instructions[i] else ""
-            user = self.cfg.recon_prompt.format(image=self._image_block(cond.semantic.shape[1]), instruction=instruction).strip()
+            user = self.cfg.recon_prompt.format(
+                image=self._image_block(cond.semantic.shape[1]), instruction=instruction
+            ).strip()
         return [self.bos_id] + self._encode(self.cfg.generation_template.format(prompt=user)) + [self.boi_id]
 
     def unconditional_ids(self, ids: list[int]) -> list[int]:
@@ -279,8 +435,12 @@ class JanusAdapter(nn.Module):
         mod = self.projector if self.projector is not None else self.model.model.aligner
         width = mod[0].normalized_shape[0] if self.projector is not None else mod.fc1.in_features
         if semantic.shape[-1] != width:
-            raise ValueError(f"semantic tokens have width {semantic.shape[-1]} but the {'projector' if self.projector is not None else 'Janus aligner'} "
-                             f"takes {width}: use encoder.kind=umm (Janus's SigLIP), or set model.args.semantic_dim to the encoder's width")
+            raise ValueError(
+                f"semantic tokens have width {semantic.shape[-1]} but the "
+                f"{'projector' if self.projector is not None else 'Janus aligner'} "
+                f"takes {width}: use encoder.kind=umm (Janus's SigLIP), or set model.args.semantic_dim to the "
+                "encoder's width"
+            )
         param = next(mod.parameters())
         return mod(semantic.to(param.device, param.dtype))
 
@@ -293,7 +453,10 @@ class JanusAdapter(nn.Module):
         if semantic is not None:
             pos = (t == self.image_id).nonzero()[:, 0]
             if len(pos) != semantic.shape[0]:
-                raise ValueError(f"prompt has {len(pos)} image placeholders for {semantic.shape[0]} semantic tokens (a text contains '{self.image_token}'?)")
+                raise ValueError(
+                    f"prompt has {len(pos)} image placeholders for {semantic.shape[0]} semantic tokens (a text "
+                    f"contains '{self.image_token}'?)"
+                )
             x = x.index_put((pos,), self._semantic_embeds(semantic).to(x.dtype))
         return x
 
@@ -313,14 +476,18 @@ class JanusAdapter(nn.Module):
     def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] → the frozen VQ model's token ids ``(B, N)``, raster order."""
         if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
-            raise ValueError(f"images are {tuple(images.shape[-2:])}, the Janus VQ model takes {self.resolution}x{self.resolution}")
+            raise ValueError(
+                f"images are {tuple(images.shape[-2:])}, the Janus VQ model takes {self.resolution}x{self.resolution}"
+            )
         vq = self.model.model.vqmodel
         param = next(vq.parameters())
         with torch.autocast(param.device.type, enabled=False):  # nearest-code argmin in the VQ's own precision
             tokens = vq.encode(images.to(param.device, param.dtype)).image_tokens
         return tokens.view(images.shape[0], -1)
 
-    def image_logits(self, images: torch.Tensor, cond: Condition, drop: Sequence[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_logits(
+        self, images: torch.Tensor, cond: Condition, drop: Sequence[bool] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced generation-head logits ``(B, N, codebook)`` and the VQ target tokens ``(B, N)``.
 
         [left-padded prompt … BOI] + image-token embeddings through the LLM; the hidden state at
@@ -331,9 +498,11 @@ class JanusAdapter(nn.Module):
         image = self.model.prepare_embeddings_for_image_generation(tokens.to(prompt.device))
         embeds = torch.cat([prompt, image.to(prompt.dtype)], 1)
         mask = torch.cat([pmask, torch.ones(tokens.shape, dtype=pmask.dtype, device=pmask.device)], 1)
-        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        hidden = self.model.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)
+        ).last_hidden_state
         p = prompt.shape[1]
-        return self.model.model.generation_head(hidden[:, p - 1:-1]), tokens
+        return self.model.model.generation_head(hidden[:, p - 1 : -1]), tokens
 
     def generation_loss(self, images: torch.Tensor, cond: Condition, seeds: Sequence[int]) -> torch.Tensor:
         logits, tokens = self.image_logits(images, cond, dropped(seeds, self.cfg.cond_dropout))
@@ -344,7 +513,9 @@ class JanusAdapter(nn.Module):
     def _understanding_batch(self, semantic, prompts, answers):
         rows, labels = [], []
         for sem, prompt, answer in zip(semantic, prompts, answers):
-            head = [self.bos_id] + self._encode(self.cfg.understanding_template.format(image=self._image_block(sem.shape[0]), prompt=self._clip(prompt)))
+            head = [self.bos_id] + self._encode(
+                self.cfg.understanding_template.format(image=self._image_block(sem.shape[0]), prompt=self._clip(prompt))
+            )
             ans = self._encode(" " + self._clip(answer)) + [self.eos_id]  # Janus SFT: "<|Assistant|>: answer<eos>"
             rows.append(self._embed(head + ans, sem))
             labels.append(torch.tensor([IGNORE] * len(head) + ans))
@@ -352,10 +523,14 @@ class JanusAdapter(nn.Module):
 
     def _answer_token_logprobs(self, semantic, prompts, answers) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, mask, labels = self._understanding_batch(semantic, prompts, answers)
-        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        hidden = self.model.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)
+        ).last_hidden_state
         return answer_logprobs(hidden, labels, self.model.lm_head)
 
-    def understanding_loss(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+    def understanding_loss(
+        self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]
+    ) -> torch.Tensor:
         return sequence_nll(*self._answer_token_logprobs(semantic, prompts, answers))
 
     def answer_logprob(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
@@ -383,14 +558,18 @@ class JanusAdapter(nn.Module):
         tokens = torch.zeros(n, self.num_image_tokens, dtype=torch.long, device=device)
         cache = None
         for k in range(self.num_image_tokens):
-            out = lm(inputs_embeds=x, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            out = lm(
+                inputs_embeds=x, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            )
             cache = out.past_key_values
             logits = head(out.last_hidden_state[:, -1])
             if use_cfg:
                 cond_logits, uncond_logits = logits.split(n)
                 logits = uncond_logits + (cond_logits - uncond_logits) * guidance_scale
             probs = torch.softmax(logits, dim=-1)
-            tokens[:, k] = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=generators[i])[:, 0] for i in range(n)])
+            tokens[:, k] = torch.cat(
+                [torch.multinomial(probs[i : i + 1], 1, generator=generators[i])[:, 0] for i in range(n)]
+            )
             step = torch.cat([tokens[:, k], tokens[:, k]]) if use_cfg else tokens[:, k]
             x = self.model.prepare_embeddings_for_image_generation(step[:, None]).to(x.dtype)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
@@ -403,7 +582,10 @@ class JanusAdapter(nn.Module):
         with torch.autocast(tokens.device.type, enabled=False):
             pixels = self.model.decode_image_tokens(tokens.to(next(vq.parameters()).device))  # (B, H, W, C) in [-1, 1]
         images = to_pil(pixels, channels_last=True)
-        return [im if im.size == (self.resolution, self.resolution) else im.resize((self.resolution,) * 2, Image.BICUBIC) for im in images]
+        return [
+            im if im.size == (self.resolution, self.resolution) else im.resize((self.resolution,) * 2, Image.BICUBIC)
+            for im in images
+        ]
 
     def _sample_in_chunks(self, cond: Condition, seeds: Sequence[int], guidance_scale: float) -> list[torch.Tensor]:
         if len(seeds) != len(cond):
@@ -420,13 +602,19 @@ class JanusAdapter(nn.Module):
         return chunks
 
     @torch.no_grad()
-    def generate(self, cond: Condition, *, seeds: Sequence[int], guidance_scale: float = 5.0, num_steps: int = 0) -> list[Image.Image]:
+    def generate(
+        self, cond: Condition, *, seeds: Sequence[int], guidance_scale: float = 5.0, num_steps: int = 0
+    ) -> list[Image.Image]:
         """One image per condition entry. ``num_steps`` is ignored: autoregressive sampling always
         takes one step per VQ token (576 for Janus-Pro). Janus-Pro's default guidance is 5."""
-        return [im for tokens in self._sample_in_chunks(cond, seeds, guidance_scale) for im in self.decode_tokens(tokens)]
+        return [
+            im for tokens in self._sample_in_chunks(cond, seeds, guidance_scale) for im in self.decode_tokens(tokens)
+        ]
 
     @torch.no_grad()
-    def hidden_states(self, cond: Condition, answers: Sequence[str] | None = None) -> list[tuple[list[torch.Tensor], int]]:
+    def hidden_states(
+        self, cond: Condition, answers: Sequence[str] | None = None
+    ) -> list[tuple[list[torch.Tensor], int]]:
         """Per sample: the LLM's hidden states ``(T, d)`` at every layer (embeddings first) over
         [prompt ; response], and the prompt length (reca.adapter.Traceable, for eval/probe.py).
         With ``answers``: the response is the answer's tokens + EOS after the image and the question
@@ -436,13 +624,22 @@ class JanusAdapter(nn.Module):
         if answers is None:
             tokens = torch.cat(self._sample_in_chunks(cond, list(range(len(cond))), 5.0))
             rows = self._prompt_rows(cond, [False] * len(cond))
-            seqs = [(torch.cat([r, self.model.prepare_embeddings_for_image_generation(t.to(r.device)).to(r.dtype)]), r.shape[0])
-                    for r, t in zip(rows, tokens)]
+            seqs = [
+                (
+                    torch.cat([r, self.model.prepare_embeddings_for_image_generation(t.to(r.device)).to(r.dtype)]),
+                    r.shape[0],
+                )
+                for r, t in zip(rows, tokens)
+            ]
         else:
             if cond.semantic is None:
-                raise ValueError("text responses are traced for image prompts (captioning): give Condition(semantic=...)")
+                raise ValueError(
+                    "text responses are traced for image prompts (captioning): give Condition(semantic=...)"
+                )
             embeds, mask, labels = self._understanding_batch(cond.semantic, cond.instructions, answers)
-            seqs = [(embeds[i, : int(mask[i].sum())], int((labels[i] != IGNORE).nonzero()[0])) for i in range(len(embeds))]
+            seqs = [
+                (embeds[i, : int(mask[i].sum())], int((labels[i] != IGNORE).nonzero()[0])) for i in range(len(embeds))
+            ]
         lm = self.model.model.language_model
         out = []
         for seq, prompt_len in seqs:  # one sequence at a time: no padding inside the states

@@ -36,30 +36,72 @@ from reca.seeds import dropped, per_sample_noise
 
 @dataclass
 class MetaQueryConfig:
-    pretrained: str = field(default="", metadata={"help": "a directory written by save_pretrained; fills lm, transformer, vae and heads"})
-    lm: str = field(default="", metadata={"help": "transformers causal LM: hub id or local dir; empty = random from lm_config"})
+    pretrained: str = field(
+        default="", metadata={"help": "a directory written by save_pretrained; fills lm, transformer, vae and heads"}
+    )
+    lm: str = field(
+        default="", metadata={"help": "transformers causal LM: hub id or local dir; empty = random from lm_config"}
+    )
     lm_config: dict = field(default_factory=dict, metadata={"help": "LlamaConfig fields for a random LM (tests)"})
-    tokenizer: str = field(default="", metadata={"help": "tokenizer hub id or dir; empty = the LM's, or a byte-level one for random LMs"})
-    transformer: str = field(default="", metadata={"help": "diffusers transformer: hub id or local dir; empty = random from transformer_config"})
-    transformer_subfolder: str = field(default="", metadata={"help": "subfolder inside the transformer repo (e.g. 'transformer')"})
-    transformer_class: Literal["SanaTransformer2DModel", "PixArtTransformer2DModel"] = field(default="SanaTransformer2DModel", metadata={"help": "diffusers transformer class"})
-    transformer_config: dict = field(default_factory=dict, metadata={"help": "constructor fields for a random transformer (tests)"})
-    vae: str = field(default="", metadata={"help": "diffusers VAE: hub id or local dir; empty = random from vae_config"})
+    tokenizer: str = field(
+        default="", metadata={"help": "tokenizer hub id or dir; empty = the LM's, or a byte-level one for random LMs"}
+    )
+    transformer: str = field(
+        default="",
+        metadata={"help": "diffusers transformer: hub id or local dir; empty = random from transformer_config"},
+    )
+    transformer_subfolder: str = field(
+        default="", metadata={"help": "subfolder inside the transformer repo (e.g. 'transformer')"}
+    )
+    transformer_class: Literal["SanaTransformer2DModel", "PixArtTransformer2DModel"] = field(
+        default="SanaTransformer2DModel", metadata={"help": "diffusers transformer class"}
+    )
+    transformer_config: dict = field(
+        default_factory=dict, metadata={"help": "constructor fields for a random transformer (tests)"}
+    )
+    vae: str = field(
+        default="", metadata={"help": "diffusers VAE: hub id or local dir; empty = random from vae_config"}
+    )
     vae_subfolder: str = field(default="", metadata={"help": "subfolder inside the VAE repo (e.g. 'vae')"})
-    vae_class: Literal["AutoencoderKL", "AutoencoderDC", "none"] = field(default="AutoencoderKL", metadata={"help": "diffusers VAE class (Sana ships AutoencoderDC); none = denoise pixels directly (small images)"})
+    vae_class: Literal["AutoencoderKL", "AutoencoderDC", "none"] = field(
+        default="AutoencoderKL",
+        metadata={
+            "help": "diffusers VAE class (Sana ships AutoencoderDC); none = denoise pixels directly (small images)"
+        },
+    )
     vae_config: dict = field(default_factory=dict, metadata={"help": "constructor fields for a random VAE (tests)"})
-    heads: str = field(default="", metadata={"help": "safetensors file with reca's projector, queries and connector; empty = random init"})
+    heads: str = field(
+        default="",
+        metadata={"help": "safetensors file with reca's projector, queries and connector; empty = random init"},
+    )
     num_queries: int = field(default=64, metadata={"help": "learnable query tokens appended after the prompt"})
-    semantic_dim: int = field(default=0, metadata={"help": "width of the frozen encoder's tokens; 0 = taken from the encoder"})
+    semantic_dim: int = field(
+        default=0, metadata={"help": "width of the frozen encoder's tokens; 0 = taken from the encoder"}
+    )
     resolution: int = field(default=256, metadata={"help": "generation resolution in pixels"})
     max_text_tokens: int = field(default=128, metadata={"help": "prompts are truncated to this many tokens"})
-    cond_dropout: float = field(default=0.1, metadata={"help": "probability of training on the empty condition (classifier-free guidance)"})
-    weighting_scheme: Literal["logit_normal", "uniform", "mode", "sigma_sqrt", "cosmap"] = field(default="logit_normal", metadata={"help": "timestep density / loss weighting (diffusers.training_utils)"})
+    cond_dropout: float = field(
+        default=0.1, metadata={"help": "probability of training on the empty condition (classifier-free guidance)"}
+    )
+    weighting_scheme: Literal["logit_normal", "uniform", "mode", "sigma_sqrt", "cosmap"] = field(
+        default="logit_normal", metadata={"help": "timestep density / loss weighting (diffusers.training_utils)"}
+    )
     logit_mean: float = field(default=0.0, metadata={"help": "logit-normal mean"})
     logit_std: float = field(default=1.0, metadata={"help": "logit-normal std"})
     flow_shift: float = field(default=1.0, metadata={"help": "FlowMatchEulerDiscreteScheduler shift"})
-    prediction: Literal["velocity", "x0"] = field(default="velocity", metadata={"help": "what the DiT predicts: the flow velocity (diffusers' scripts) or the clean sample x0"})
-    text_path: Literal["lm", "encoder"] = field(default="lm", metadata={"help": "text prompts enter as LM tokens, or as the frozen encoder's text embedding through the same projector as image tokens (needs encoder.space=joint)"})
+    prediction: Literal["velocity", "x0"] = field(
+        default="velocity",
+        metadata={"help": "what the DiT predicts: the flow velocity (diffusers' scripts) or the clean sample x0"},
+    )
+    text_path: Literal["lm", "encoder"] = field(
+        default="lm",
+        metadata={
+            "help": (
+                "text prompts enter as LM tokens, or as the frozen encoder's text embedding through the same "
+                "projector as image tokens (needs encoder.space=joint)"
+            )
+        },
+    )
 
 
 def _load(cls, ref: str, subfolder: str, config: dict, what: str):
@@ -67,9 +109,13 @@ def _load(cls, ref: str, subfolder: str, config: dict, what: str):
         try:
             return cls.from_pretrained(ref, **({"subfolder": subfolder} if subfolder else {}))
         except (OSError, ValueError) as e:
-            raise ValueError(f"model.args.{what}: cannot load '{ref}' (hub id or local dir): {str(e).splitlines()[0]}") from None
+            raise ValueError(
+                f"model.args.{what}: cannot load '{ref}' (hub id or local dir): {str(e).splitlines()[0]}"
+            ) from None
     if not config:
-        raise ValueError(f"model.args.{what}: give a hub id / local dir, or model.args.{what}_config for a random model")
+        raise ValueError(
+            f"model.args.{what}: give a hub id / local dir, or model.args.{what}_config for a random model"
+        )
     return cls(**config)
 
 
@@ -94,9 +140,13 @@ class MetaQueryAdapter(nn.Module):
         hidden = lm.config.hidden_size
         cond_dim = transformer.config.caption_channels
         if cfg.semantic_dim <= 0:
-            raise ValueError("model.args.semantic_dim: must be > 0 (build through reca.build, which takes it from the encoder)")
+            raise ValueError(
+                "model.args.semantic_dim: must be > 0 (build through reca.build, which takes it from the encoder)"
+            )
         # LayerNorm first: encoder tokens (and pooled vs patch tokens) differ widely in scale
-        self.sem_proj = nn.Sequential(nn.LayerNorm(cfg.semantic_dim), nn.Linear(cfg.semantic_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.sem_proj = nn.Sequential(
+            nn.LayerNorm(cfg.semantic_dim), nn.Linear(cfg.semantic_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+        )
         self.queries = nn.Parameter(torch.randn(cfg.num_queries, hidden) * hidden**-0.5)
         self.connector = nn.Sequential(nn.Linear(hidden, cond_dim), nn.GELU(), nn.Linear(cond_dim, cond_dim))
         self.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift)
@@ -118,8 +168,16 @@ class MetaQueryAdapter(nn.Module):
     def from_config(cls, args: MetaQueryConfig) -> "MetaQueryAdapter":
         if args.pretrained:
             root = Path(args.pretrained)
-            args = dataclasses.replace(args, lm=str(root / "lm"), tokenizer=str(root / "lm"), transformer=str(root / "transformer"),
-                                transformer_subfolder="", vae=str(root / "vae"), vae_subfolder="", heads=str(root / "heads.safetensors"))
+            args = dataclasses.replace(
+                args,
+                lm=str(root / "lm"),
+                tokenizer=str(root / "lm"),
+                transformer=str(root / "transformer"),
+                transformer_subfolder="",
+                vae=str(root / "vae"),
+                vae_subfolder="",
+                heads=str(root / "heads.safetensors"),
+            )
         if args.lm:
             lm = _load(transformers.AutoModelForCausalLM, args.lm, "", {}, "lm")
         elif args.lm_config:
@@ -134,9 +192,18 @@ class MetaQueryAdapter(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
             raise ValueError(f"model.args.lm_config: vocab_size must be >= {len(tokenizer)} (the tokenizer's size)")
-        transformer = _load(getattr(diffusers, args.transformer_class), args.transformer, args.transformer_subfolder,
-                            args.transformer_config, "transformer")
-        vae = None if args.vae_class == "none" else _load(getattr(diffusers, args.vae_class), args.vae, args.vae_subfolder, args.vae_config, "vae")
+        transformer = _load(
+            getattr(diffusers, args.transformer_class),
+            args.transformer,
+            args.transformer_subfolder,
+            args.transformer_config,
+            "transformer",
+        )
+        vae = (
+            None
+            if args.vae_class == "none"
+            else _load(getattr(diffusers, args.vae_class), args.vae, args.vae_subfolder, args.vae_config, "vae")
+        )
         return cls(args, lm, tokenizer, transformer, vae)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -148,8 +215,17 @@ class MetaQueryAdapter(nn.Module):
             self.vae.save_pretrained(path / "vae")
         save_file({k: v.detach().contiguous().cpu() for k, v in self._heads().items()}, str(path / "heads.safetensors"))
         # "pretrained" is filled in with the folder's path when it is loaded (it may be moved)
-        args = asdict(self.cfg) | {"pretrained": "", "lm": "", "tokenizer": "", "transformer": "", "vae": "", "heads": ""}
-        (path / "reca_adapter.json").write_text(json.dumps({"adapter": f"{__name__}:{type(self).__name__}", "args": args}, indent=2))
+        args = asdict(self.cfg) | {
+            "pretrained": "",
+            "lm": "",
+            "tokenizer": "",
+            "transformer": "",
+            "vae": "",
+            "heads": "",
+        }
+        (path / "reca_adapter.json").write_text(
+            json.dumps({"adapter": f"{__name__}:{type(self).__name__}", "args": args}, indent=2)
+        )
 
     def _heads(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if k.split(".")[0] in ("sem_proj", "queries", "connector")}
@@ -185,7 +261,9 @@ class MetaQueryAdapter(nn.Module):
     # ------------------------------------------------------------------ conditioning
 
     def _embed_text(self, text: str, bos: bool) -> torch.Tensor:
-        ids = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=self.cfg.max_text_tokens).input_ids
+        ids = self.tokenizer(
+            text, add_special_tokens=False, truncation=True, max_length=self.cfg.max_text_tokens
+        ).input_ids
         if bos and self.tokenizer.bos_token_id is not None:
             ids = [self.tokenizer.bos_token_id] + ids
         emb = self.lm.get_input_embeddings()
@@ -197,7 +275,9 @@ class MetaQueryAdapter(nn.Module):
         text_tokens = None
         if cond.texts is not None and self.cfg.text_path == "encoder":
             if self._encoder is None:
-                raise ValueError("model.args.text_path: 'encoder' needs the frozen encoder attached (build through reca.build)")
+                raise ValueError(
+                    "model.args.text_path: 'encoder' needs the frozen encoder attached (build through reca.build)"
+                )
             text_tokens = self.sem_proj(self._encoder.encode_text(cond.texts).to(self.queries))
         for i in range(len(cond)):
             if drop[i]:
@@ -217,7 +297,9 @@ class MetaQueryAdapter(nn.Module):
     def _run_lm(self, pieces: list[torch.Tensor]) -> torch.Tensor:
         """Left-pads the pieces so every sequence ends with its own tokens; returns last hidden states."""
         embeds, mask = left_pad(pieces)
-        return self._base()(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        return self._base()(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)
+        ).last_hidden_state
 
     def _base(self) -> nn.Module:
         """The LM without its head (hidden states only)."""
@@ -228,7 +310,7 @@ class MetaQueryAdapter(nn.Module):
         drop = drop if drop is not None else [False] * len(cond)
         queries = self.queries
         pieces = [torch.cat([p, queries.to(p.dtype)]) for p in self._prompt_pieces(cond, drop)]
-        hidden = self._run_lm(pieces)[:, -self.cfg.num_queries:]
+        hidden = self._run_lm(pieces)[:, -self.cfg.num_queries :]
         return self.connector(hidden.to(self.connector[0].weight.dtype))
 
     # ------------------------------------------------------------------ losses
@@ -249,12 +331,17 @@ class MetaQueryAdapter(nn.Module):
         x0 = self.encode_latents(images)
         enc = self.condition(cond, dropped(seeds, self.cfg.cond_dropout))
         noise = per_sample_noise(seeds, tuple(x0.shape[1:])).to(x0)
-        sigmas = sample_sigmas(seeds, self.train_sigmas, self.cfg.weighting_scheme, self.cfg.logit_mean, self.cfg.logit_std).to(x0.device)
+        sigmas = sample_sigmas(
+            seeds, self.train_sigmas, self.cfg.weighting_scheme, self.cfg.logit_mean, self.cfg.logit_std
+        ).to(x0.device)
         xt = noisy_latents(x0, noise, sigmas)
         dtype = self.transformer.dtype
-        pred = self.transformer(xt.to(dtype), encoder_hidden_states=enc.to(dtype),
-                                timestep=(sigmas * self.scheduler.config.num_train_timesteps).to(dtype),
-                                encoder_attention_mask=torch.ones(enc.shape[:2], device=enc.device)).sample
+        pred = self.transformer(
+            xt.to(dtype),
+            encoder_hidden_states=enc.to(dtype),
+            timestep=(sigmas * self.scheduler.config.num_train_timesteps).to(dtype),
+            encoder_attention_mask=torch.ones(enc.shape[:2], device=enc.device),
+        ).sample
         if pred.shape[1] != x0.shape[1]:  # PixArt also predicts variance: keep the mean channels
             pred = pred[:, : x0.shape[1]]
         if self.cfg.prediction == "x0":
@@ -266,9 +353,16 @@ class MetaQueryAdapter(nn.Module):
         eos = self.tokenizer.eos_token_id
         rows, targets = [], []
         for sem, prompt, answer in zip(semantic, prompts, answers):
-            head = torch.cat([self._embed_text("", bos=True), self.sem_proj(sem.to(self.queries)).to(embed.weight.dtype),
-                              self._embed_text(prompt, bos=False)])
-            ans = self.tokenizer(answer, add_special_tokens=False, truncation=True, max_length=self.cfg.max_text_tokens).input_ids + [eos]
+            head = torch.cat(
+                [
+                    self._embed_text("", bos=True),
+                    self.sem_proj(sem.to(self.queries)).to(embed.weight.dtype),
+                    self._embed_text(prompt, bos=False),
+                ]
+            )
+            ans = self.tokenizer(
+                answer, add_special_tokens=False, truncation=True, max_length=self.cfg.max_text_tokens
+            ).input_ids + [eos]
             ans_t = torch.tensor(ans, device=embed.weight.device)
             rows.append(torch.cat([head, embed(ans_t)]))
             targets.append(torch.cat([torch.full((head.shape[0],), IGNORE, device=ans_t.device), ans_t]))
@@ -279,7 +373,9 @@ class MetaQueryAdapter(nn.Module):
         hidden = self._base()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         return answer_logprobs(hidden, labels, self.lm.get_output_embeddings())
 
-    def understanding_loss(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+    def understanding_loss(
+        self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]
+    ) -> torch.Tensor:
         return sequence_nll(*self._answer_token_logprobs(semantic, prompts, answers))
 
     def answer_logprob(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
@@ -289,7 +385,9 @@ class MetaQueryAdapter(nn.Module):
     # ------------------------------------------------------------------ probe
 
     @torch.no_grad()
-    def hidden_states(self, cond: Condition, answers: Sequence[str] | None = None) -> list[tuple[list[torch.Tensor], int]]:
+    def hidden_states(
+        self, cond: Condition, answers: Sequence[str] | None = None
+    ) -> list[tuple[list[torch.Tensor], int]]:
         """Per sample: the LM's hidden states ``(T, d)`` at every layer (embeddings first) over
         [prompt ; response], and the prompt length. The response is the answer's tokens when
         ``answers`` is given (text generation; ``cond.instructions`` are the questions), else the
@@ -301,9 +399,13 @@ class MetaQueryAdapter(nn.Module):
             seqs = [(torch.cat([p, self.queries.to(p.dtype)]), p.shape[0]) for p in pieces]
         else:
             if cond.semantic is None:
-                raise ValueError("text responses are traced for image prompts (captioning): give Condition(semantic=...)")
+                raise ValueError(
+                    "text responses are traced for image prompts (captioning): give Condition(semantic=...)"
+                )
             embeds, mask, labels = self._understanding_batch(cond.semantic, cond.instructions, answers)
-            seqs = [(embeds[i, : int(mask[i].sum())], int((labels[i] != IGNORE).nonzero()[0])) for i in range(len(embeds))]
+            seqs = [
+                (embeds[i, : int(mask[i].sum())], int((labels[i] != IGNORE).nonzero()[0])) for i in range(len(embeds))
+            ]
         out = []
         for seq, prompt_len in seqs:  # one sequence at a time: no padding inside the states
             states = base(inputs_embeds=seq[None], output_hidden_states=True).hidden_states
@@ -313,7 +415,9 @@ class MetaQueryAdapter(nn.Module):
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
-    def generate(self, cond: Condition, *, seeds: Sequence[int], guidance_scale: float = 3.0, num_steps: int = 20) -> list[Image.Image]:
+    def generate(
+        self, cond: Condition, *, seeds: Sequence[int], guidance_scale: float = 3.0, num_steps: int = 20
+    ) -> list[Image.Image]:
         n = len(cond)
         enc = self.condition(cond)
         use_cfg = guidance_scale != 1.0
@@ -326,8 +430,12 @@ class MetaQueryAdapter(nn.Module):
         scheduler.set_timesteps(num_steps, device=enc.device)
         for t in scheduler.timesteps:
             model_in = torch.cat([latents, latents]) if use_cfg else latents
-            pred = self.transformer(model_in.to(dtype), encoder_hidden_states=enc.to(dtype), timestep=t.expand(model_in.shape[0]).to(dtype),
-                                    encoder_attention_mask=torch.ones(enc.shape[:2], device=enc.device)).sample.float()
+            pred = self.transformer(
+                model_in.to(dtype),
+                encoder_hidden_states=enc.to(dtype),
+                timestep=t.expand(model_in.shape[0]).to(dtype),
+                encoder_attention_mask=torch.ones(enc.shape[:2], device=enc.device),
+            ).sample.float()
             pred = pred[:, : self.latent_channels]
             if use_cfg:
                 pred = guided(*pred.chunk(2), guidance_scale)

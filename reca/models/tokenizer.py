@@ -41,7 +41,9 @@ def word_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = split
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token=UNK)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token=UNK
+    )
 
 
 def save_word_tokenizer(corpus: Iterable[str], path: Path) -> Path:
