@@ -26,7 +26,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         from reca.trainer import fit  # heavy imports only once the config is known to be good
 
-        fit(cfg, resume=args.resume)
+        evaluator = None
+        if cfg.eval.every:  # the library never imports the evaluation suite; the entry point wires it
+            from eval.during import TrainingEvaluator
+
+            evaluator = TrainingEvaluator(cfg)
+        fit(cfg, resume=args.resume, evaluator=evaluator)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

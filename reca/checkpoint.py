@@ -74,6 +74,11 @@ def save(accelerator, root: Path, step: int, config: dict, export=None) -> Path:
     return final
 
 
-def prune(root: Path, keep: int) -> None:
-    for old in checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def prune(root: Path, keep: int, protect: int | None = None) -> None:
+    """Keep the last ``keep`` checkpoints, and the newest one at or before step ``protect`` (the
+    collapse watch's last healthy step) however old."""
+    found = checkpoints(root)
+    spared = [p for p in found if protect is not None and int(p.name[len(PREFIX) :]) <= protect][-1:]
+    for old in found[:-keep]:
+        if old not in spared:
+            shutil.rmtree(old, ignore_errors=True)

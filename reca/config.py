@@ -203,6 +203,32 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = _f(0, "evaluate every N steps (and at step 0) on the main process with reca-eval's runner; 0 = off")
+    prompts: str = _f(
+        "builtin:color_rare,color_canonical",
+        "prompt set as reca-eval --prompts takes it, optionally ':tag,tag' to keep only those categories",
+    )
+    scorer: str = _f("palette", "clip, vqa, palette or an import path 'package.module:Factory' (as reca-eval score)")
+    scorer_args: dict = _f({}, "keyword arguments of the scorer (as reca-eval --scorer-arg)")
+    n_images: int = _f(2, "images per prompt")
+    seed: int = _f(0, "base seed of the evaluation images (the same images at every evaluation)")
+    batch_size: int = _f(8, "images per generate() call")
+
+
+@dataclass
+class WatchConfig:
+    recon_floor: float = _f(
+        0.0, "warn when the reconstruction loss falls below this (the model learns to copy); 0 = off"
+    )
+    max_drop: float = _f(
+        0.0, "warn when a watched category's accuracy falls more than this many points below step 0; 0 = off"
+    )
+    categories: list = _f([], "categories watched for max_drop; empty = every evaluated category")
+    stop: bool = _f(False, "stop the run when the watch fires, keeping the last checkpoint before it")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the UMM"})
     encoder: EncoderConfig = field(default_factory=EncoderConfig, metadata={"help": "the frozen semantic encoder"})
@@ -213,6 +239,10 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the loop"})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "logging"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation during training"})
+    watch: WatchConfig = field(
+        default_factory=WatchConfig, metadata={"help": "collapse watch over the losses and the evaluation"}
+    )
 
 
 # --------------------------------------------------------------------------- parsing
@@ -385,6 +415,7 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    validate_monitoring(cfg)
     active = active_objectives(o)
     if not active:
         raise ConfigError("objectives: every share is 0; give objectives.recon.share (or t2i/i2t) a value > 0")
@@ -406,6 +437,33 @@ def validate(cfg: Config) -> None:
                 f"objectives.{name}.share: {active[name].share} of train.batch_size={t.batch_size} rounds to 0 "
                 "samples; raise the batch size or the share"
             )
+
+
+def validate_monitoring(cfg: Config) -> None:
+    """``eval`` and ``watch``: what they need from each other and from the mixture."""
+    e, w = cfg.eval, cfg.watch
+    checks: list[tuple[bool, str]] = [
+        (e.every >= 0, "eval.every: must be >= 0 (0 = off)"),
+        (e.n_images > 0 and e.batch_size > 0, "eval.n_images and eval.batch_size: must be > 0"),
+        (w.recon_floor >= 0, "watch.recon_floor: must be >= 0 (0 = off)"),
+        (0 <= w.max_drop <= 100, "watch.max_drop: points of accuracy, in [0, 100] (0 = off)"),
+        (
+            not (w.max_drop > 0 and e.every == 0),
+            "watch.max_drop: needs the evaluation during training; set eval.every > 0",
+        ),
+        (
+            not (w.recon_floor > 0 and cfg.objectives.recon.share == 0),
+            "watch.recon_floor: reconstruction is off (objectives.recon.share=0); set the floor to 0",
+        ),
+        (not (w.categories and w.max_drop == 0), "watch.categories: only read with watch.max_drop > 0"),
+        (
+            not (w.stop and w.recon_floor == 0 and w.max_drop == 0),
+            "watch.stop: nothing is watched; set watch.recon_floor or watch.max_drop",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def active_objectives(o: ObjectivesConfig) -> dict[str, ObjectiveConfig]:

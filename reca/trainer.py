@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -27,7 +27,8 @@ from reca.cache import EmbeddingCache
 from reca.config import OBJECTIVES, Config, ConfigError, active_objectives, split_batch
 from reca.data import batches, open_source
 from reca.encoders import FrozenEncoder, bottleneck_check
-from reca.io import atomic_dir, atomic_write_text
+from reca.io import atomic_dir, atomic_write_json, atomic_write_text
+from reca.monitor import CollapseWatch, Evaluator, missing_categories, wandb_table
 from reca.objectives import Batch, RecATask, transform_for
 from reca.samples import write_samples
 from reca.seeds import data_seed, sample_seed
@@ -50,18 +51,23 @@ class Run:
     state: ckpt.TrainState
     streams: dict[str, Iterator[dict]]
     out: Path
+    watch: CollapseWatch
+    stopped: bool = False  # by the collapse watch
 
     @property
     def umm(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.task).umm
 
 
-def fit(cfg: Config, resume: str | None = None) -> dict:
-    """Train; returns the last logged metrics."""
+def fit(cfg: Config, resume: str | None = None, evaluator: Evaluator | None = None) -> dict:
+    """Train; returns the last logged metrics. ``evaluator`` runs every ``eval.every`` steps."""
     r = setup(cfg, resume)
     t, acc, state = cfg.train, r.accelerator, r.state
     bar = tqdm(total=t.max_steps, initial=state.step, disable=not acc.is_main_process, desc="reca", dynamic_ncols=True)
     metrics: dict = {}
+    if state.step == 0 and evaluator is not None:  # the evaluation's step-0 baseline
+        watch_step(r, evaluator, baseline := {"step": 0})
+        write_log(r, baseline)
     while state.step < t.max_steps:
         started, timings = time.perf_counter(), {"time/data": 0.0, "time/encode": 0.0}
         sums: dict[str, torch.Tensor] = {}
@@ -90,20 +96,21 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
         metrics |= step_info(r, time.perf_counter() - started, timings)
         bar.update(1)
         bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in r.streams or k == "loss"})
+        r.stopped = watch_step(r, evaluator, metrics)  # evaluation every eval.every steps, collapse watch
         last = state.step == t.max_steps
-        if acc.is_main_process and (state.step % t.log_every == 0 or last):
-            with open(r.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            acc.log(metrics, step=state.step)
-        if state.step % t.save_every == 0 or last:
+        if acc.is_main_process and (state.step % t.log_every == 0 or last or r.stopped or "eval/overall" in metrics):
+            write_log(r, metrics)
+        if (state.step % t.save_every == 0 or last) and not r.stopped:
             exporter = lora_exporter(acc, r.task) if cfg.lora.enabled else None
             ckpt.save(acc, r.out / "checkpoints", state.step, asdict(cfg), exporter)
             if acc.is_main_process:
-                ckpt.prune(r.out / "checkpoints", t.keep_last)
+                ckpt.prune(r.out / "checkpoints", t.keep_last, protect=r.watch.good_step)
         if acc.is_main_process and ((t.sample_every and state.step % t.sample_every == 0) or last):
             path = r.out / "samples" / f"step-{state.step:07d}.png"
             write_samples(r.umm, micro_batches.get("recon"), cfg, path, acc)
         acc.wait_for_everyone()
+        if r.stopped:
+            break
     bar.close()
     finish(r)
     return metrics
@@ -132,6 +139,62 @@ def next_batch(r: Run, name: str, micro: int, timings: dict[str, float]) -> Batc
         semantic = r.cache.encode(raw["enc"], r.encoder) if r.cache else r.encoder(raw["enc"])
         timings["time/encode"] += time.perf_counter() - t0
     return Batch(seeds, raw.get("target"), semantic, raw.get("caption")).to(acc.device)
+
+
+def watch_step(r: Run, evaluator: Evaluator | None, metrics: dict) -> bool:
+    """Evaluate every ``eval.every`` steps on the main process (its numbers join ``metrics``), then
+    let the collapse watch read them and the losses. True when the run must stop (``watch.stop``)."""
+    cfg, acc, step = r.cfg, r.accelerator, r.state.step
+    stop = False
+    if acc.is_main_process:
+        if cfg.eval.every and step % cfg.eval.every == 0:
+            if evaluator is None:
+                raise ConfigError("eval.every: fit() was given no evaluator; run train.py (it builds eval.during's)")
+            metrics |= evaluate(r, evaluator)
+        alarms = r.watch.observe(step, metrics)
+        for alarm in alarms:
+            log.warning(f"step {step}: collapse watch: {alarm}")
+        if alarms and cfg.watch.stop:
+            stop = True
+            kept = [
+                p
+                for p in ckpt.checkpoints(r.out / "checkpoints")
+                if int(p.name[len(ckpt.PREFIX) :]) <= r.watch.good_step
+            ]
+            report = {"step": step, "alarms": alarms, "last_good_step": r.watch.good_step}
+            report["checkpoint"] = str(kept[-1]) if kept else None
+            atomic_write_json(r.out / "collapse.json", report)
+            print(f"collapse watch: stopped at step {step}; last checkpoint before it: {report['checkpoint']}")
+    if acc.num_processes > 1:  # every rank must leave the loop together
+        stop = bool(broadcast_object_list([stop])[0])
+    return stop
+
+
+def evaluate(r: Run, evaluator: Evaluator) -> dict:
+    """The evaluator on the unwrapped model in eval mode; training's RNG state is left untouched,
+    so a run with evaluation draws the same noise as one without (and resumes exactly)."""
+    acc, umm, step = r.accelerator, r.umm, r.state.step
+    started, was_training = time.perf_counter(), umm.training
+    umm.eval()
+    with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
+        with torch.no_grad(), acc.autocast():
+            result = evaluator(umm, r.encoder, step)
+    umm.train(was_training)
+    if missing := missing_categories(r.cfg.watch, result):
+        raise ConfigError(f"watch.categories: {missing} not evaluated; the evaluation has {sorted(result.accuracy)}")
+    if acc.log_with:
+        try:
+            acc.log({"eval/images": wandb_table(result, step)}, step=step)
+        except ImportError:
+            pass
+    return result.metrics() | {"time/eval": time.perf_counter() - started}
+
+
+def write_log(r: Run, metrics: dict) -> None:
+    if r.accelerator.is_main_process:
+        with open(r.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        r.accelerator.log(metrics, step=metrics["step"])
 
 
 def count_nonfinite(state: ckpt.TrainState, bad: bool, limit: int) -> None:
@@ -227,6 +290,8 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     state = ckpt.TrainState()
     task, optimizer = acc.prepare(task, optimizer)
     acc.register_for_checkpointing(lr_scheduler, state)
+    watch = CollapseWatch(cfg.watch)
+    acc.register_for_checkpointing(watch)  # the step-0 baseline survives a resume
 
     if resume_from := ckpt.resolve_resume(out / "checkpoints", resume):
         acc.load_state(str(resume_from))
@@ -238,7 +303,7 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
         acc.init_trackers(
             cfg.log.project, config=resolved, init_kwargs={"wandb": {"name": cfg.log.run_name or None, "dir": str(out)}}
         )
-    return Run(cfg, acc, task, encoder, cache, optimizer, lr_scheduler, params, state, streams, out)
+    return Run(cfg, acc, task, encoder, cache, optimizer, lr_scheduler, params, state, streams, out, watch)
 
 
 def enable_options(adapter, cfg: Config) -> None:
@@ -288,7 +353,7 @@ def finish(r: Run) -> None:
             f"embedding cache: {r.cache.hits} hits, {r.cache.misses} misses, {r.cache.disk_bytes() / 2**20:.1f} MiB "
             f"in {r.cache.dir}"
         )
-    if r.accelerator.is_main_process:
+    if r.accelerator.is_main_process and not r.stopped:  # a collapsed model is not the result
         export_final(r.umm, r.cfg, r.out / "final")
     r.accelerator.end_training()
 

@@ -25,14 +25,14 @@ LAYERS: list[list[str]] = [
     ["reca.models.*"],
     ["reca.objectives", "reca.cache"],
     ["reca.build"],
-    ["reca.samples", "reca.checkpoint"],
+    ["reca.samples", "reca.checkpoint", "reca.monitor"],
     ["reca.trainer"],
     ["reca.merge"],
     # the evaluation suite: above the whole library
     ["eval.prompts", "eval.stats"],
     ["eval.entropy", "eval.scorers", "eval.runner"],
     ["eval.report", "eval.probe"],
-    ["eval.cli"],
+    ["eval.cli", "eval.during"],
     # the demo application: above evaluation
     ["demo.world", "demo.seeds"],
     ["demo.scorer", "demo.encoder"],
