@@ -15,9 +15,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -327,6 +329,20 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             raise ConfigError(f"{dotted}: unknown key{hint}; valid keys: {', '.join(names)}")
         kwargs[key] = coerce(value, hints[key], dotted)
     return cls(**kwargs)
+
+
+def derive(obj: T, **changes: Any) -> T:
+    """A copy of the dataclass ``obj`` with fields replaced; a dict given for a field that is itself
+    a dataclass replaces fields inside it, recursively:
+    ``derive(cfg, train={"max_steps": 5}, objectives={"t2i": {"share": 0.5}})``. A dict given for a
+    plain dict field (``model.args``) replaces that dict."""
+    fields = {}
+    for name, value in changes.items():
+        current = getattr(obj, name)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            value = derive(current, **value)
+        fields[name] = value
+    return dataclasses.replace(obj, **fields)
 
 
 def to_dict(obj: Any) -> Any:
