@@ -46,7 +46,7 @@ def model_from_args(args: argparse.Namespace, device: str) -> tuple[str, Any, An
     else:
         raise EvalError("--config is required (or a --checkpoint holding its config.json)")
     cfg = load_config(config, list(args.overrides))
-    adapter, encoder = load_trained(cfg, args.checkpoint, device)
+    adapter, encoder = load_trained(cfg, args.checkpoint, device, weights=args.weights)
     return config, cfg, adapter, encoder
 
 
@@ -97,6 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         config=config,
         config_sha256=sha256_file(config),
         overrides=list(args.overrides),
+        weights=args.weights,
         resolved_config=to_dict(cfg),
     )
     files = [f for f in prompt_source_files(args.prompts) if f.is_file()]
@@ -207,6 +208,12 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="reca YAML config (default: <checkpoint>/config.json)")
         sp.add_argument("--checkpoint", help="trained checkpoint dir (LoRA adapter or full model.safetensors)")
         sp.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+        sp.add_argument(
+            "--weights",
+            choices=("raw", "ema"),
+            default="raw",
+            help="the trained weights or their EMA (<checkpoint>/ema)",
+        )
         sp.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.dtype=bfloat16")
 
     def stats_args(sp: argparse.ArgumentParser) -> None:

@@ -153,12 +153,23 @@ def checkpoint_config(checkpoint: str | Path) -> Path:
 
 
 def load_trained(
-    cfg: Config, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"
+    cfg: Config, checkpoint: str | Path | None = None, device: str | torch.device = "cpu", weights: str = "raw"
 ) -> tuple[UMMAdapter, FrozenEncoder]:
     """The one way a trained model is loaded for evaluation (CLI, probe, demo): built from ``cfg``
     as the trainer builds it, ``checkpoint`` loaded on top (a PEFT folder, a ``save_pretrained``
-    folder or a trainer checkpoint, see :func:`load_checkpoint`), in eval mode on ``device``."""
+    folder or a trainer checkpoint, see :func:`load_checkpoint`), in eval mode on ``device``.
+    ``weights="ema"`` loads the moving average exported beside the raw weights (``<checkpoint>/ema``)."""
     from accelerate.utils import set_seed
+
+    if weights not in ("raw", "ema"):
+        raise ConfigError(f"--weights {weights}: expected raw or ema")
+    if weights == "ema":
+        if not checkpoint or not (Path(checkpoint) / "ema").is_dir():
+            raise ConfigError(
+                f"--weights ema: {checkpoint or 'no --checkpoint'} holds no ema/ folder; train with "
+                "train.ema_decay > 0 and pass its final/ folder"
+            )
+        checkpoint = Path(checkpoint) / "ema"
 
     # Seed exactly as the trainer does before building, so weights a checkpoint does not supply
     # (an untrained baseline, tiny random models) are the same in every process.

@@ -195,6 +195,11 @@ class TrainConfig:
     offload_encoder: bool = _f(
         False, "keep the frozen encoder on the CPU (with a warm embedding_cache it is rarely called)"
     )
+    ema_decay: float = _f(
+        0.0,
+        "keep an exponential moving average of the trained weights (diffusers EMAModel; BAGEL uses 0.9999), saved "
+        "with checkpoints and exported to final/ema; 0 = off",
+    )
 
 
 @dataclass
@@ -431,7 +436,7 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    validate_monitoring(cfg)
+    validate_features(cfg)
     active = active_objectives(o)
     if not active:
         raise ConfigError("objectives: every share is 0; give objectives.recon.share (or t2i/i2t) a value > 0")
@@ -455,10 +460,11 @@ def validate(cfg: Config) -> None:
             )
 
 
-def validate_monitoring(cfg: Config) -> None:
-    """``eval`` and ``watch``: what they need from each other and from the mixture."""
+def validate_features(cfg: Config) -> None:
+    """``eval``, ``watch``, EMA: what they need from each other and from the mixture."""
     e, w = cfg.eval, cfg.watch
     checks: list[tuple[bool, str]] = [
+        (0 <= cfg.train.ema_decay < 1, "train.ema_decay: must be in [0, 1), e.g. 0.9999 (0 = off)"),
         (e.every >= 0, "eval.every: must be >= 0 (0 = off)"),
         (e.n_images > 0 and e.batch_size > 0, "eval.n_images and eval.batch_size: must be > 0"),
         (w.recon_floor >= 0, "watch.recon_floor: must be >= 0 (0 = off)"),

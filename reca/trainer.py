@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from reca import checkpoint as ckpt
@@ -52,6 +53,7 @@ class Run:
     streams: dict[str, Iterator[dict]]
     out: Path
     watch: CollapseWatch
+    ema: EMAModel | None = None  # of the trained parameters (train.ema_decay)
     stopped: bool = False  # by the collapse watch
 
     @property
@@ -86,6 +88,8 @@ def fit(cfg: Config, resume: str | None = None, evaluator: Evaluator | None = No
                         if cfg.optim.max_grad_norm > 0:
                             acc.clip_grad_norm_(r.params, cfg.optim.max_grad_norm)
                         r.optimizer.step()
+                        if r.ema is not None:
+                            r.ema.step(r.params)
                     r.optimizer.zero_grad(set_to_none=True)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
@@ -292,9 +296,14 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     acc.register_for_checkpointing(lr_scheduler, state)
     watch = CollapseWatch(cfg.watch)
     acc.register_for_checkpointing(watch)  # the step-0 baseline survives a resume
+    ema = EMAModel(params, decay=t.ema_decay) if t.ema_decay else None
+    if ema is not None:
+        acc.register_for_checkpointing(ema)  # registered last: runs without EMA keep their checkpoint layout
 
     if resume_from := ckpt.resolve_resume(out / "checkpoints", resume):
         acc.load_state(str(resume_from))
+        if ema is not None:
+            ema.to(acc.device)  # accelerate loads custom state onto the CPU
         print(f"resumed from {resume_from} at step {state.step}")
     if acc.is_main_process:
         truncate_log(out / "log.jsonl", state.step)
@@ -303,7 +312,7 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
         acc.init_trackers(
             cfg.log.project, config=resolved, init_kwargs={"wandb": {"name": cfg.log.run_name or None, "dir": str(out)}}
         )
-    return Run(cfg, acc, task, encoder, cache, optimizer, lr_scheduler, params, state, streams, out, watch)
+    return Run(cfg, acc, task, encoder, cache, optimizer, lr_scheduler, params, state, streams, out, watch, ema)
 
 
 def enable_options(adapter, cfg: Config) -> None:
@@ -354,7 +363,7 @@ def finish(r: Run) -> None:
             f"in {r.cache.dir}"
         )
     if r.accelerator.is_main_process and not r.stopped:  # a collapsed model is not the result
-        export_final(r.umm, r.cfg, r.out / "final")
+        export_final(r.umm, r.cfg, r.out / "final", r.ema, r.params)
     r.accelerator.end_training()
 
 
@@ -373,8 +382,16 @@ def truncate_log(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def export_final(umm, cfg: Config, path: Path) -> None:
-    """LoRA → a PEFT adapter dir (PeftModel.from_pretrained loads it); full → save_pretrained."""
+def export_final(
+    umm, cfg: Config, path: Path, ema: EMAModel | None = None, params: list[torch.nn.Parameter] | None = None
+) -> None:
+    """LoRA → a PEFT adapter dir (PeftModel.from_pretrained loads it); full → save_pretrained.
+    With EMA, the averaged weights go beside the raw ones in the same format, in ``ema/``."""
     with atomic_dir(path) as tmp:
         umm.save_pretrained(tmp)
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if ema is not None:
+            ema.store(params)  # diffusers' store → copy_to → restore: the live weights are untouched
+            ema.copy_to(params)
+            umm.save_pretrained(tmp / "ema")
+            ema.restore(params)
