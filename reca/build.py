@@ -98,11 +98,22 @@ def apply_lora(adapter: nn.Module, cfg: Config) -> nn.Module:
         lora_dropout=cfg.lora.dropout,
         target_modules=targets,
         modules_to_save=cfg.lora.modules_to_save or None,
+        use_dora=cfg.lora.use_dora,
+        init_lora_weights=True if cfg.lora.init == "default" else cfg.lora.init,
+        rank_pattern=dict(cfg.lora.rank_pattern),
+        alpha_pattern=dict(cfg.lora.alpha_pattern),
     )
     try:
         return get_peft_model(adapter, lora)
     except ValueError as e:
         raise ConfigError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+
+
+def mutates_base(cfg: Config) -> bool:
+    """PiSSA and OLoRA move the principal part of each base weight into the adapter at init, so the
+    trained adapter fits only that changed base; reca saves the initial adapter and exports the
+    difference as a plain LoRA of the original base (peft's ``path_initial_model_for_weight_conversion``)."""
+    return cfg.lora.enabled and cfg.lora.init.startswith(("pissa", "olora"))
 
 
 def load_checkpoint(adapter: nn.Module, path: str | Path, encoder: FrozenEncoder | None = None) -> nn.Module:

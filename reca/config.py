@@ -157,6 +157,14 @@ class LoraConfig:
     dropout: float = _f(0.0, "LoRA dropout")
     target_modules: list = _f([], "peft target_modules; empty = the adapter's default_lora_targets")
     modules_to_save: list = _f([], "modules trained fully next to LoRA (peft modules_to_save)")
+    use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (peft use_dora)")
+    init: str = _f(
+        "default",
+        "peft init_lora_weights: default, gaussian, pissa, pissa_niter_<n> or olora (pissa/olora change the base "
+        "weights; reca exports the adapter converted back to plain LoRA on the original base)",
+    )
+    rank_pattern: dict = _f({}, "per-module ranks, module-name regex → r (peft rank_pattern)")
+    alpha_pattern: dict = _f({}, "per-module alphas, module-name regex → alpha (peft alpha_pattern)")
 
 
 @dataclass
@@ -465,6 +473,15 @@ def validate_features(cfg: Config) -> None:
     e, w = cfg.eval, cfg.watch
     checks: list[tuple[bool, str]] = [
         (0 <= cfg.train.ema_decay < 1, "train.ema_decay: must be in [0, 1), e.g. 0.9999 (0 = off)"),
+        (
+            cfg.lora.init in ("default", "gaussian", "pissa", "olora")
+            or (cfg.lora.init.startswith("pissa_niter_") and cfg.lora.init.removeprefix("pissa_niter_").isdigit()),
+            f"lora.init: '{cfg.lora.init}' is not one of default, gaussian, pissa, pissa_niter_<n>, olora",
+        ),
+        (
+            all(isinstance(v, int) and v > 0 for v in cfg.lora.rank_pattern.values()),
+            "lora.rank_pattern: ranks must be integers > 0, e.g. {'lm\\..*': 8}",
+        ),
         (e.every >= 0, "eval.every: must be >= 0 (0 = off)"),
         (e.n_images > 0 and e.batch_size > 0, "eval.n_images and eval.batch_size: must be > 0"),
         (w.recon_floor >= 0, "watch.recon_floor: must be >= 0 (0 = off)"),

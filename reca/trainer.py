@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from reca import checkpoint as ckpt
 from reca.adapter import BottleneckByDesign, Compilable, GradientCheckpointing
-from reca.build import apply_lora, build, trainable_parameters
+from reca.build import apply_lora, build, mutates_base, trainable_parameters
 from reca.cache import EmbeddingCache
 from reca.config import OBJECTIVES, Config, ConfigError, active_objectives, split_batch
 from reca.data import batches, open_source
@@ -105,7 +105,7 @@ def fit(cfg: Config, resume: str | None = None, evaluator: Evaluator | None = No
         if acc.is_main_process and (state.step % t.log_every == 0 or last or r.stopped or "eval/overall" in metrics):
             write_log(r, metrics)
         if (state.step % t.save_every == 0 or last) and not r.stopped:
-            exporter = lora_exporter(acc, r.task) if cfg.lora.enabled else None
+            exporter = lora_exporter(acc, r.task, lora_init_dir(cfg)) if cfg.lora.enabled else None
             ckpt.save(acc, r.out / "checkpoints", state.step, asdict(cfg), exporter)
             if acc.is_main_process:
                 ckpt.prune(r.out / "checkpoints", t.keep_last, protect=r.watch.good_step)
@@ -276,6 +276,12 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
             log.warning(warning)
     if cfg.lora.enabled:
         umm = apply_lora(adapter, cfg)
+        if mutates_base(cfg):
+            plugin = acc.state.deepspeed_plugin
+            if plugin is not None and plugin.zero_stage == 3:
+                raise ConfigError(f"lora.init: {cfg.lora.init} is not supported under DeepSpeed ZeRO-3; use default")
+            if acc.is_main_process:  # the reference every export is converted against
+                save_initial_adapter(umm, lora_init_dir(cfg))
     else:
         trainable_parameters(adapter, t.trainable or adapter.default_trainable, t.frozen)
         umm = adapter
@@ -367,12 +373,42 @@ def finish(r: Run) -> None:
     r.accelerator.end_training()
 
 
-def lora_exporter(accelerator: Accelerator, task):
+def lora_exporter(accelerator: Accelerator, task, init: Path | None = None):
     """Every rank gathers the full state (under ZeRO-3 the unwrapped model holds empty partitions
     and would save an empty adapter, peft#2500); the main process writes the PEFT folder."""
     state = accelerator.get_state_dict(task)
     umm = accelerator.unwrap_model(task).umm
-    return lambda path: umm.save_pretrained(path, state_dict={k.removeprefix("umm."): v for k, v in state.items()})
+    state = {k.removeprefix("umm."): v for k, v in state.items()}
+    return lambda path: save_model(umm, path, init, state_dict=state)
+
+
+LORA_INIT = "lora_init"  # PiSSA/OLoRA: the adapter as initialised, in the output folder
+
+
+def save_initial_adapter(umm, path: Path) -> None:
+    """peft's recipe for PiSSA/OLoRA: save the adapter before training, marked as a plain init so that
+    loading it never runs the SVD again."""
+    config = umm.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    with atomic_dir(path) as tmp:
+        umm.save_pretrained(tmp)
+    config.init_lora_weights = init
+
+
+def lora_init_dir(cfg: Config) -> Path | None:
+    return Path(cfg.train.output_dir) / LORA_INIT if mutates_base(cfg) else None
+
+
+def save_model(umm, path: Path, init: Path | None = None, **kwargs) -> None:
+    """``save_pretrained``; after PiSSA/OLoRA (``init`` = the initial adapter) the LoRA is converted to
+    a plain LoRA of the original base (rank doubled), so ``PeftModel.from_pretrained`` on the untouched
+    base reproduces the trained model."""
+    if init is not None:
+        # peft's conversion reads the live adapter and would misread a passed state_dict (its keys
+        # differ); the live model holds whole weights everywhere but under ZeRO-3, refused in setup
+        kwargs.pop("state_dict", None)
+        kwargs["path_initial_model_for_weight_conversion"] = str(init)
+    umm.save_pretrained(path, **kwargs)
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -388,10 +424,10 @@ def export_final(
     """LoRA → a PEFT adapter dir (PeftModel.from_pretrained loads it); full → save_pretrained.
     With EMA, the averaged weights go beside the raw ones in the same format, in ``ema/``."""
     with atomic_dir(path) as tmp:
-        umm.save_pretrained(tmp)
+        save_model(umm, tmp, lora_init_dir(cfg))
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         if ema is not None:
             ema.store(params)  # diffusers' store → copy_to → restore: the live weights are untouched
             ema.copy_to(params)
-            umm.save_pretrained(tmp / "ema")
+            save_model(umm, tmp / "ema", lora_init_dir(cfg))
             ema.restore(params)
