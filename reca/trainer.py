@@ -25,6 +25,7 @@ from reca import checkpoint as ckpt
 from reca.adapter import BottleneckByDesign, Compilable, GradientCheckpointing
 from reca.build import apply_lora, build, mutates_base, trainable_parameters
 from reca.cache import EmbeddingCache
+from reca.card import evaluations, model_card
 from reca.config import OBJECTIVES, Config, ConfigError, active_objectives, split_batch
 from reca.data import batches, open_source
 from reca.encoders import FrozenEncoder, bottleneck_check
@@ -369,7 +370,7 @@ def finish(r: Run) -> None:
             f"in {r.cache.dir}"
         )
     if r.accelerator.is_main_process and not r.stopped:  # a collapsed model is not the result
-        export_final(r.umm, r.cfg, r.out / "final", r.ema, r.params)
+        export_final(r.umm, r.cfg, r.out / "final", r.ema, r.params, r.state.step)
     r.accelerator.end_training()
 
 
@@ -419,13 +420,21 @@ def truncate_log(path: Path, step: int) -> None:
 
 
 def export_final(
-    umm, cfg: Config, path: Path, ema: EMAModel | None = None, params: list[torch.nn.Parameter] | None = None
+    umm,
+    cfg: Config,
+    path: Path,
+    ema: EMAModel | None = None,
+    params: list[torch.nn.Parameter] | None = None,
+    steps: int = 0,
 ) -> None:
     """LoRA → a PEFT adapter dir (PeftModel.from_pretrained loads it); full → save_pretrained.
     With EMA, the averaged weights go beside the raw ones in the same format, in ``ema/``."""
     with atomic_dir(path) as tmp:
         save_model(umm, tmp, lora_init_dir(cfg))
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        evals = evaluations(path.parent / "log.jsonl")
+        card = model_card(cfg, resolution=getattr(umm, "resolution", None), steps=steps, evals=evals)
+        card.save(tmp / "README.md")  # after save_pretrained: peft writes a README of its own
         if ema is not None:
             ema.store(params)  # diffusers' store → copy_to → restore: the live weights are untouched
             ema.copy_to(params)

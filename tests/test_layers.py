@@ -25,7 +25,7 @@ LAYERS: list[list[str]] = [
     ["reca.models.*"],
     ["reca.objectives", "reca.cache"],
     ["reca.build"],
-    ["reca.samples", "reca.checkpoint", "reca.monitor"],
+    ["reca.samples", "reca.checkpoint", "reca.monitor", "reca.card"],
     ["reca.trainer"],
     ["reca.merge"],
     # the evaluation suite: above the whole library

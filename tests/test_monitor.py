@@ -89,6 +89,12 @@ def test_collapsing_run_is_stopped_and_a_healthy_one_is_not(toy_data, tmp_path) 
     assert [r["step"] for r in evaluated] == [0, 10, 20, 30, 40]
     assert all(0 <= r["eval/color_canonical"] <= 1 and r["time/eval"] > 0 for r in evaluated)
     assert (healthy / "evals/step-0000040/scores/palette/results.json").is_file()  # reca-eval's own files
+    # the model card of final/ carries the evaluation table
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(healthy / "final/README.md")
+    assert card.data.library_name == "reca" and "reca" in card.data.tags and card.data.license == "other"
+    assert "## Evaluation during training" in card.text and "| 40 |" in card.text
 
 
 def test_evaluation_leaves_the_training_run_unchanged(toy_data, tmp_path) -> None:

@@ -58,6 +58,10 @@ def test_peft_option_trains_only_adapter_weights_and_round_trips(toy_data, tmp_p
         ranks = {k: v.shape[0] for k, v in after.items() if k.endswith("lora_A.default.weight")}
         assert {r for k, r in ranks.items() if "attn1" in k and k.startswith("base_model.model.transformer")} == {2}
         assert 4 in ranks.values()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "final/README.md")  # reca's card, not peft's template
+    assert card.data.library_name == "peft" and "lora" in card.data.tags and "## Mixture" in card.text
     # the export loads onto a fresh base built as the trainer built it — for PiSSA/OLoRA the original
     # weights, not the residual the training ran on — and reproduces the trained model
     set_seed(cfg.train.seed)  # as the trainer seeds before building
