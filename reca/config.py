@@ -511,8 +511,11 @@ def active_objectives(o: ObjectivesConfig) -> dict[str, ObjectiveConfig]:
 
 
 def split_batch(batch_size: int, shares: dict[str, float]) -> dict[str, int]:
-    """Per-step samples per objective: largest-remainder rounding of ``batch_size × share/Σshare``
-    (the official RecA Harmon config mixes recon : I2T : T2I = 2 : 2 : 0 inside each batch)."""
+    """Per-step samples per objective: largest-remainder rounding of ``batch_size × share/Σshare``.
+
+    The official RecA Harmon config (``Harmon/configs/examples/reca.py``) reaches its 2 : 2 : 0
+    recon : I2T : T2I mixture differently: single-source micro-batches repeated [2, 2, 0] times and
+    accumulated into one update. Splitting every batch gives each update the same mixture."""
     total = sum(shares.values())
     exact = {k: batch_size * s / total for k, s in shares.items()}
     sizes = {k: int(v) for k, v in exact.items()}
