@@ -70,6 +70,7 @@ class DataSource:
     caption_column: str = _f("caption", "caption column; empty = none (reconstruction needs none)")
     streaming: bool = _f(False, "stream instead of indexing (datasets IterableDataset), for sets too large to index")
     min_side: int = _f(16, "images whose shorter side is below this are skipped as tiny")
+    max_samples: int = _f(0, "use only the first N rows (quick runs); 0 = all")
 
 
 @dataclass
@@ -147,6 +148,14 @@ class OptimConfig:
     warmup_steps: int = _f(0, "linear warm-up steps")
     schedule: Literal["cosine", "constant", "linear"] = _f("cosine", "learning-rate schedule after warm-up")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    name: str = _f(
+        "adamw",
+        "adamw (torch), adamw8bit (bitsandbytes AdamW8bit: 8-bit optimizer states; pip install 'reca[bnb]'), or an "
+        "import path 'package.module:Class' called as Class(params, lr=, betas=, weight_decay=)",
+    )
+    scale_lr: bool = _f(
+        False, "multiply lr by processes × grad_accum × batch_size (diffusers' --scale_lr); lr is then per sample"
+    )
 
 
 @dataclass
@@ -472,6 +481,14 @@ def validate_features(cfg: Config) -> None:
     """``eval``, ``watch``, EMA: what they need from each other and from the mixture."""
     e, w = cfg.eval, cfg.watch
     checks: list[tuple[bool, str]] = [
+        (
+            cfg.optim.name in ("adamw", "adamw8bit") or ":" in cfg.optim.name,
+            f"optim.name: '{cfg.optim.name}' is not adamw, adamw8bit or an import path 'package.module:Class'",
+        ),
+        (
+            all(getattr(cfg.objectives, n).data.max_samples >= 0 for n in OBJECTIVES),
+            "objectives.<name>.data.max_samples: must be >= 0 (0 = all)",
+        ),
         (0 <= cfg.train.ema_decay < 1, "train.ema_decay: must be in [0, 1), e.g. 0.9999 (0 = off)"),
         (
             cfg.lora.init in ("default", "gaussian", "pissa", "olora")

@@ -6,6 +6,7 @@ resume state, data streams); :func:`fit` is the loop and reads top to bottom.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -291,9 +292,7 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     params = [p for p in task.parameters() if p.requires_grad]
     frozen_ids = {id(p) for p in encoder.module.parameters()}
     assert not any(id(p) in frozen_ids for p in params), "the semantic encoder must never be optimised"
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
-    )
+    optimizer = make_optimizer(cfg, params, acc.num_processes)
     # Not prepared by accelerate on purpose: prepared schedulers step once per process.
     lr_scheduler = get_scheduler(
         cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=t.max_steps
@@ -322,6 +321,30 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     return Run(cfg, acc, task, encoder, cache, optimizer, lr_scheduler, params, state, streams, out, watch, ema)
 
 
+def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], world: int) -> torch.optim.Optimizer:
+    """``optim.name``: torch AdamW, bitsandbytes AdamW8bit (8-bit states, Dettmers et al. 2022), or any
+    optimizer class by import path; ``optim.scale_lr`` scales the rate by the global batch."""
+    o, t = cfg.optim, cfg.train
+    lr = o.lr * (world * t.grad_accum * t.batch_size if o.scale_lr else 1)
+    if o.scale_lr:
+        print(f"optim.scale_lr: lr = {o.lr} × {world} processes × {t.grad_accum} × {t.batch_size} = {lr:g}")
+    if o.name == "adamw":
+        cls = torch.optim.AdamW
+    elif o.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("optim.name: adamw8bit needs bitsandbytes; pip install 'reca[bnb]'") from None
+        cls = bnb.optim.AdamW8bit
+    else:
+        module, _, attr = o.name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"optim.name: cannot import '{o.name}' ({e})") from None
+    return cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
 def enable_options(adapter, cfg: Config) -> None:
     """``train.gradient_checkpointing`` / ``train.compile``, through the adapter's optional hooks."""
     for flag, protocol, method in (
@@ -346,6 +369,8 @@ def open_streams(
         src = active[name].data
         captions = OBJECTIVES[name].needs_captions
         ds = open_source(src, need_captions=captions, key=f"objectives.{name}.data")
+        if src.max_samples:  # the first N rows, before shuffling and sharding
+            ds = ds.select(range(min(src.max_samples, len(ds)))) if hasattr(ds, "__len__") else ds.take(src.max_samples)
         streams[name] = batches(
             ds,
             batch_size=n,
