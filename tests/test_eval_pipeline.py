@@ -492,7 +492,6 @@ def test_cli_generate_builds_through_reca(monkeypatch, tmp_path, capsys):
 
 
 def test_atomic_write_gives_files_the_usual_permissions(tmp_path):
-    import os
 
     reca.io.atomic_write_text(tmp_path / "a.txt", "x")
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~reca.io.UMASK
