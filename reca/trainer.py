@@ -69,7 +69,7 @@ def fit(cfg: Config, resume: str | None = None, evaluator: Evaluator | None = No
     t, acc, state = cfg.train, r.accelerator, r.state
     bar = tqdm(total=t.max_steps, initial=state.step, disable=not acc.is_main_process, desc="reca", dynamic_ncols=True)
     metrics: dict = {}
-    if state.step == 0 and evaluator is not None:  # the evaluation's step-0 baseline
+    if state.step == 0 and cfg.eval.every:  # the evaluation's step-0 baseline
         watch_step(r, evaluator, baseline := {"step": 0})
         write_log(r, baseline)
     while state.step < t.max_steps:
