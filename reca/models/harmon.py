@@ -54,12 +54,12 @@ QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 # the VAE has attention projections too; peft full-matches the regex on module names.
 LLM_LORA = r"llm\.model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 
-# MAR's KL-16 VAE (LDM AutoencoderKL, ch 128, ch_mult (1,1,2,2,4), attention at 16px) as diffusers'
-# AutoencoderKL: the level with attention is an Attn*Block2D.
+# MAR's KL-16 VAE (LDM AutoencoderKL, ch 128, ch_mult (1,1,2,2,4); wusize/Harmon src/models/mar/vae.py:
+# the encoder has attention at 16px, attn_resolutions=(16,), the decoder none) as diffusers' AutoencoderKL.
 KL16_CONFIG = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 128, 256, 256, 512],
     "down_block_types": ["DownEncoderBlock2D"] * 4 + ["AttnDownEncoderBlock2D"],
-    "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 5,
     "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 256,
 }
 
@@ -140,18 +140,14 @@ def _keys_error(key: str, path: str, missing: Sequence[str], unexpected: Sequenc
 
 def convert_ldm_vae(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """An LDM/MAR KL VAE state dict → diffusers ``AutoencoderKL`` names. diffusers' converter maps
-    everything but attention inside the down/up levels (SD's VAE has none; KL-16 has it at 16px),
+    everything but attention inside the encoder's levels (SD's VAE has none; KL-16 has it at 16px),
     which is mapped here with diffusers' own attention renamer."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, update_vae_attentions_ldm_to_diffusers
 
-    out = {k: v for k, v in convert_ldm_vae_checkpoint(state, config).items() if ".attn." not in k or ".mid." in k}
-    n_up = len(config["up_block_types"])
+    out = {k: v for k, v in convert_ldm_vae_checkpoint(state, config).items() if not k.startswith("encoder.down.")}
     for i in range(len(config["down_block_types"])):
         keys = [k for k in state if k.startswith(f"encoder.down.{i}.attn.")]
         update_vae_attentions_ldm_to_diffusers(keys, out, state, {"old": f"down.{i}.attn", "new": f"down_blocks.{i}.attentions"})
-    for i in range(n_up):
-        keys = [k for k in state if k.startswith(f"decoder.up.{i}.attn.")]
-        update_vae_attentions_ldm_to_diffusers(keys, out, state, {"old": f"up.{i}.attn", "new": f"up_blocks.{n_up - 1 - i}.attentions"})
     return out
 
 

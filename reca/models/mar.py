@@ -171,6 +171,7 @@ class DiffusionHead(nn.Module):
         ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
         post_var = betas * (1 - ac_prev) / (1 - ac)
         self._tables = {
+            "sqrt_ac": ac.sqrt(), "sqrt_1m_ac": (1 - ac).sqrt(),
             "sqrt_recip_ac": (1 / ac).sqrt(), "sqrt_recipm1_ac": (1 / ac - 1).sqrt(),
             "coef_x0": betas * ac_prev.sqrt() / (1 - ac), "coef_xt": (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac),
             # the posterior variance is 0 at t = 0: its log is clipped to the t = 1 value (iDDPM)
@@ -185,10 +186,12 @@ class DiffusionHead(nn.Module):
         channels) that trains the variance; ``target`` (N, C) clean tokens, ``z`` (N, D) conditions,
         ``t`` (N,) timesteps, ``noise`` (N, C)."""
         x0 = target.float()
-        x_t = self.scheduler.add_noise(x0, noise.to(x0), t)
+        tab = partial(self._table, t=t, like=x0)
+        # q(x_t | x_0) from float64 tables: the scheduler's float32 alphas_cumprod loses 1 - ᾱ_t to
+        # cancellation at small t (ᾱ_0 ≈ 1 - 4e-5), which the variance term, divided by σ² ≈ 1e-5, amplifies
+        x_t = tab("sqrt_ac") * x0 + tab("sqrt_1m_ac") * noise.to(x0)
         eps, v = self.net(x_t, t, z).float().split(self.channels, dim=-1)
         mse = (noise.to(x0) - eps).pow(2).mean(-1)
-        tab = partial(self._table, t=t, like=x0)
         true_mean = tab("coef_x0") * x0 + tab("coef_xt") * x_t
         true_logvar = tab("post_logvar")
         # the variance term must not move the mean: ε is detached here (iDDPM, "hybrid" loss)
