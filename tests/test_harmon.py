@@ -48,6 +48,15 @@ def tiny():
     return tiny_build()
 
 
+def wake_head(adapter) -> None:
+    """MAR's diffusion head starts adaLN-zero (its output is 0 whatever the condition): perturb it so
+    that changes upstream (LoRA in the LLM) can show in the generation loss."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in adapter.mar.diffloss.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
 def batch(encoder, n=2):
     from PIL import Image
 
@@ -281,6 +290,7 @@ def test_lora_stays_in_the_llm_and_saves_loads_and_merges(tmp_path: Path) -> Non
     from peft import PeftModel
 
     cfg, adapter, encoder = tiny_build("lora.enabled=true", "lora.rank=4")
+    wake_head(adapter)
     before = {k: v.clone() for k, v in adapter.state_dict().items()}
     model = apply_lora(adapter, cfg)
     lora_layers = [n for n, mod in model.named_modules() if hasattr(mod, "lora_A")]

@@ -89,7 +89,7 @@ class HarmonConfig:
     answer_suffix: str = field(default="<|im_end|>", metadata={"help": "ends every answer (qwen_chat SUFFIX_AS_EOS)"})
     cfg_schedule: Literal["constant", "linear"] = field(default="constant", metadata={"help": "guidance over MAR iterations: constant (Harmon's scripts) or linear (MUSE)"})
     max_text_tokens: int = field(default=128, metadata={"help": "user texts are truncated to this many tokens (Harmon datasets: max_length=128)"})
-    generate_batch_size: int = field(default=4, metadata={"help": "images sampled together; each image's randomness is its own seed's in any case"})
+    generate_batch_size: int = field(default=1, metadata={"help": "images sampled together by generate(); 1 makes each image a function of its condition and seed alone; larger is faster on GPU (each image still draws only from its own seed), but padding and batch shape change float rounding, which can move a pixel"})
     train_mar: bool = field(default=True, metadata={"help": "full fine-tuning also trains the MAR encoder, decoder, diffusion head and proj_in/proj_out (official RecA: everything but the VAE)"})
     train_llm: bool = field(default=True, metadata={"help": "full fine-tuning trains the LLM"})
 
@@ -222,7 +222,11 @@ class HarmonAdapter(nn.Module):
             root = Path(args.pretrained)
             if not (root / "reca_adapter.json").is_file():
                 raise ValueError(f"model.args.pretrained: '{root}' is not a folder written by save_pretrained (no reca_adapter.json)")
-            args = dataclasses.replace(args, llm=str(root / "llm"), tokenizer=str(root / "llm"), vae=str(root / "vae"), vae_ckpt="", vae_config={})
+            saved = json.loads((root / "reca_adapter.json").read_text())["args"]
+            # the architecture is the saved one (it must fit the weights); prompts and sampling stay the caller's
+            arch = {"mar": MARConfig(**saved["mar"]), "vae_scale": saved["vae_scale"], "semantic_dim": saved["semantic_dim"]}
+            args = dataclasses.replace(args, llm=str(root / "llm"), tokenizer=str(root / "llm"), vae=str(root / "vae"), vae_ckpt="",
+                                       vae_config={}, **arch)
             weights, key = str(root / "harmon.safetensors"), "pretrained"
         if args.llm:
             try:
