@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
-from conftest import ROOT
 from reca.adapter import Condition, HasOwnEncoder, Traceable, UMMAdapter
 from reca.build import apply_lora, build, load_checkpoint, trainable_parameters
 from reca.config import ConfigError, load_config
@@ -28,8 +28,19 @@ from reca.models.mar import MARConfig
 
 TINY = ROOT / "configs" / "harmon_tiny.yaml"
 DATA = ROOT / "tests" / "data" / "harmon"
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no"]
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--num_processes",
+    "1",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 # the reference ran the same float16-stored weights in float32 on CPU; what is left is float
 # reduction order (SDPA vs. its own attention, batched vs. one-sample LLM passes, float32 vs.
 # float64 schedule tables)
@@ -60,7 +71,7 @@ def wake_head(adapter) -> None:
 def batch(encoder, n=2):
     from PIL import Image
 
-    from reca.encoders import target_pixels
+    from reca.images import target_pixels
 
     ims = [Image.new("RGB", (32, 32), (200, 60 * i, 30 + 40 * i)) for i in range(n)]
     ims[-1].paste((20, 200, 90), (8, 8, 24, 24))
@@ -85,11 +96,23 @@ def reference(tmp_path_factory):
     expected = json.loads((DATA / "expected.json").read_text())
     files = load_file(str(DATA / "tiny_harmon.safetensors"))
     tmp = tmp_path_factory.mktemp("harmon_public")
-    torch.save({k.removeprefix("harmon/"): v.float() for k, v in files.items() if k.startswith("harmon/")}, tmp / "harmon_tiny.pth")
-    torch.save({"model": {k.removeprefix("vae/"): v.float() for k, v in files.items() if k.startswith("vae/")}}, tmp / "kl16_tiny.ckpt")
-    args = HarmonConfig(llm_config=expected["llm_config"], harmon_weights=str(tmp / "harmon_tiny.pth"),
-                        vae_ckpt=str(tmp / "kl16_tiny.ckpt"), vae_config=expected["vae_config"], vae_scale=expected["vae_scale"],
-                        mar=MARConfig(**expected["mar"]), resolution=16)
+    torch.save(
+        {k.removeprefix("harmon/"): v.float() for k, v in files.items() if k.startswith("harmon/")},
+        tmp / "harmon_tiny.pth",
+    )
+    torch.save(
+        {"model": {k.removeprefix("vae/"): v.float() for k, v in files.items() if k.startswith("vae/")}},
+        tmp / "kl16_tiny.ckpt",
+    )
+    args = HarmonConfig(
+        llm_config=expected["llm_config"],
+        harmon_weights=str(tmp / "harmon_tiny.pth"),
+        vae_ckpt=str(tmp / "kl16_tiny.ckpt"),
+        vae_config=expected["vae_config"],
+        vae_scale=expected["vae_scale"],
+        mar=MARConfig(**expected["mar"]),
+        resolution=16,
+    )
     return HarmonAdapter.from_config(args).eval(), expected, files, tmp
 
 
@@ -119,13 +142,22 @@ def test_reference_parity_tokens_features_and_prompts(reference) -> None:
 def test_reference_parity_mar_loss_for_fixed_masks_and_noise(reference) -> None:
     adapter, exp, files, _ = reference
     tokens = adapter.encode_tokens(files["inputs/pixels"])
-    draws = [{"drop": False, "mask": files["inputs/masks"][i], "t": files["inputs/t"][i], "noise": files["inputs/noise"][i]} for i in range(2)]
+    draws = [
+        {"drop": False, "mask": files["inputs/masks"][i], "t": files["inputs/t"][i], "noise": files["inputs/noise"][i]}
+        for i in range(2)
+    ]
     assert (files["inputs/t"] == 0).any()  # the decoder-NLL branch of the variational bound is exercised
-    conds = {"recon": lambda sl: Condition(semantic=tokens[sl], instructions=["Reconstruct this image."] * len(range(2)[sl])),
-             "t2i": lambda sl: Condition(texts=["a red circle"] * len(range(2)[sl]))}
+    conds = {
+        "recon": lambda sl: Condition(
+            semantic=tokens[sl], instructions=["Reconstruct this image."] * len(range(2)[sl])
+        ),
+        "t2i": lambda sl: Condition(texts=["a red circle"] * len(range(2)[sl])),
+    }
     with torch.no_grad():
         for kind, make in conds.items():
-            per_sample = [adapter.mar_loss(tokens[i:i + 1], make(slice(i, i + 1)), draws[i:i + 1]).item() for i in range(2)]
+            per_sample = [
+                adapter.mar_loss(tokens[i : i + 1], make(slice(i, i + 1)), draws[i : i + 1]).item() for i in range(2)
+            ]
             np.testing.assert_allclose(per_sample, exp["mar_loss"][kind], rtol=1e-5, atol=1e-6)
             # a batch of two (left-padded LLM, different mask counts): the mean of the per-sample losses
             both = adapter.mar_loss(tokens, make(slice(0, 2)), draws).item()
@@ -150,7 +182,7 @@ def test_reference_parity_one_sampling_step(reference) -> None:
 
 
 def test_public_weight_files_report_missing_and_unexpected_keys_in_one_line(reference) -> None:
-    adapter, exp, _, tmp = reference
+    adapter, _, _, tmp = reference
     state = torch.load(tmp / "harmon_tiny.pth", weights_only=True)
     del state["mar.mask_token"]
     state["mar.extra.weight"] = torch.zeros(1)
@@ -164,13 +196,15 @@ def test_public_weight_files_report_missing_and_unexpected_keys_in_one_line(refe
     vae = torch.load(tmp / "kl16_tiny.ckpt", weights_only=True)
     vae["model"].pop("encoder.conv_in.weight")
     torch.save(vae, tmp / "broken_vae.ckpt")
-    with pytest.raises(ValueError, match=r"^model\.args\.vae_ckpt: .*missing 1 keys \(e\.g\. encoder\.conv_in\.weight\)"):
+    with pytest.raises(
+        ValueError, match=r"^model\.args\.vae_ckpt: .*missing 1 keys \(e\.g\. encoder\.conv_in\.weight\)"
+    ):
         HarmonAdapter.from_config(dataclasses.replace(adapter.cfg, vae_ckpt=str(tmp / "broken_vae.ckpt")))
 
 
 def test_converted_folder_loads_back_identically(reference, tmp_path: Path) -> None:
     """Public files → reca's save_pretrained layout (python -m reca.models.harmon does this) → back."""
-    adapter, _, files, _ = reference
+    adapter = reference[0]
     adapter.save_pretrained(tmp_path / "conv")
     assert {p.name for p in (tmp_path / "conv").iterdir()} >= {"llm", "vae", "harmon.safetensors", "reca_adapter.json"}
     again = load_checkpoint(adapter, tmp_path / "conv").eval()
@@ -184,15 +218,27 @@ def test_converted_folder_loads_back_identically(reference, tmp_path: Path) -> N
 @pytest.fixture(scope="module")
 def uninterrupted(toy_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("harmon_run")
-    proc = subprocess.run(LAUNCH + [str(ROOT / "train.py"), "--config", str(TINY), *_run_overrides(toy_data, out)],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        LAUNCH + [str(ROOT / "train.py"), "--config", str(TINY), *_run_overrides(toy_data, out)],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 def _run_overrides(toy: Path, out: Path) -> list[str]:
-    return [f"objectives.recon.data.path={toy}", f"objectives.i2t.data.path={toy}", f"train.output_dir={out}",
-            "train.max_steps=20", "train.save_every=10", "train.log_every=1"]
+    return [
+        f"objectives.recon.data.path={toy}",
+        f"objectives.i2t.data.path={toy}",
+        f"train.output_dir={out}",
+        "train.max_steps=20",
+        "train.save_every=10",
+        "train.log_every=1",
+    ]
 
 
 def test_tiny_harmon_trains_reca_through_train_py(uninterrupted: Path) -> None:
@@ -202,21 +248,27 @@ def test_tiny_harmon_trains_reca_through_train_py(uninterrupted: Path) -> None:
     assert last < 0.8 * first, (first, last)
     i2t_first, i2t_last = (sum(r["i2t"] for r in rows) / 5 for rows in (log[:5], log[-5:]))
     assert i2t_last < 0.8 * i2t_first, (i2t_first, i2t_last)
-    assert (uninterrupted / "final/reca_adapter.json").is_file() and (uninterrupted / "final/harmon.safetensors").is_file()
+    assert (uninterrupted / "final/reca_adapter.json").is_file() and (
+        uninterrupted / "final/harmon.safetensors"
+    ).is_file()
     assert (uninterrupted / "samples/step-0000020.png").is_file()
 
 
 def test_sigkill_then_resume_matches_uninterrupted(toy_data, tmp_path: Path, uninterrupted: Path) -> None:
     out = tmp_path / "killed"
     cmd = LAUNCH + [str(ROOT / "train.py"), "--config", str(TINY), *_run_overrides(toy_data, out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     while not (out / "checkpoints/checkpoint-10").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert max(r["step"] for r in read_log(out)) < 20, "the run finished before it could be killed"
-    resumed = subprocess.run(cmd + ["--resume", "latest"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        cmd + ["--resume", "latest"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     a, b = read_log(uninterrupted), read_log(out)
@@ -228,12 +280,15 @@ def test_sigkill_then_resume_matches_uninterrupted(toy_data, tmp_path: Path, uni
 def test_generation_loss_depends_on_each_samples_seed_alone(tiny) -> None:
     _, adapter, encoder = tiny
     x, sem = batch(encoder, 3)
-    cond = lambda sl: Condition(semantic=sem[sl], instructions=["Reconstruct.", "", "Copy it."][sl])  # noqa: E731
+
+    def cond(sl: slice) -> Condition:
+        return Condition(semantic=sem[sl], instructions=["Reconstruct.", "", "Copy it."][sl])
+
     with torch.no_grad():
         a = adapter.generation_loss(x, cond(slice(0, 3)), [1, 2, 3])
         assert torch.equal(a, adapter.generation_loss(x, cond(slice(0, 3)), [1, 2, 3]))
         assert not torch.equal(a, adapter.generation_loss(x, cond(slice(0, 3)), [4, 5, 6]))
-        parts = [adapter.generation_loss(x[i:i + 1], cond(slice(i, i + 1)), [i + 1]) for i in range(3)]
+        parts = [adapter.generation_loss(x[i : i + 1], cond(slice(i, i + 1)), [i + 1]) for i in range(3)]
     torch.testing.assert_close(torch.stack(parts).mean(), a, atol=1e-5, rtol=1e-5)
     # every random choice is the seed's: mask ratio in [0.7, 1] (at least one token masked)
     d = adapter.draw(7, 16)
@@ -246,7 +301,9 @@ def test_understanding_loss_matches_answer_logprob(tiny) -> None:
     _, sem = batch(encoder)
     prompts, answers = ["Describe."] * 2, ["a red square", "blue"]
     lp = adapter.answer_logprob(sem, prompts, answers)
-    n_tokens = torch.tensor([len(adapter.tokenizer(a, add_special_tokens=False).input_ids) + 1 for a in answers])  # + <|im_end|>
+    n_tokens = torch.tensor(
+        [len(adapter.tokenizer(a, add_special_tokens=False).input_ids) + 1 for a in answers]
+    )  # + <|im_end|>
     torch.testing.assert_close(adapter.understanding_loss(sem, prompts, answers), (-lp / n_tokens).mean())
     torch.testing.assert_close(adapter.answer_logprob(sem[1:], prompts[1:], answers[1:]), lp[1:], atol=1e-5, rtol=1e-5)
 
@@ -274,8 +331,9 @@ def test_full_finetune_trains_llm_and_mar_never_the_vae() -> None:
     adapter.train()
     assert not adapter.vae.training
     x, sem = batch(encoder)
-    loss = adapter.generation_loss(x, Condition(semantic=sem, instructions=["Redraw it."] * 2), [3, 4]) \
-        + adapter.understanding_loss(sem, ["Describe."] * 2, ["red", "green"])
+    loss = adapter.generation_loss(
+        x, Condition(semantic=sem, instructions=["Redraw it."] * 2), [3, 4]
+    ) + adapter.understanding_loss(sem, ["Describe."] * 2, ["red", "green"])
     loss.backward()
     grads = dict(adapter.named_parameters())
     assert all(p.grad is None for n, p in grads.items() if n.startswith("vae."))
@@ -283,7 +341,9 @@ def test_full_finetune_trains_llm_and_mar_never_the_vae() -> None:
     # freeze lists: the LLM alone (train_mar: false), or train.frozen prefixes
     _, llm_only, _ = tiny_build("model.args.train_mar=false")
     assert all(n.startswith("llm.") for n in trainable_parameters(llm_only, llm_only.default_trainable, []))
-    assert not any(n.startswith("mar.diffloss") for n in trainable_parameters(adapter, adapter.default_trainable, ["mar.diffloss"]))
+    assert not any(
+        n.startswith("mar.diffloss") for n in trainable_parameters(adapter, adapter.default_trainable, ["mar.diffloss"])
+    )
 
 
 def test_lora_stays_in_the_llm_and_saves_loads_and_merges(tmp_path: Path) -> None:
@@ -312,7 +372,9 @@ def test_lora_stays_in_the_llm_and_saves_loads_and_merges(tmp_path: Path) -> Non
     _, fresh, _ = tiny_build()
     fresh.load_state_dict(before)
     with torch.no_grad():
-        assert not torch.allclose(fresh.generation_loss(x, cond, [5, 6]), loss), "LoRA had no effect: the test would prove nothing"
+        assert not torch.allclose(fresh.generation_loss(x, cond, [5, 6]), loss), (
+            "LoRA had no effect: the test would prove nothing"
+        )
         loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "lora")).eval()
         assert torch.equal(loaded.generation_loss(x, cond, [5, 6]), loss)
         assert torch.equal(loaded.answer_logprob(sem, ["Describe."] * 2, ["a red square", "blue"]), text)
@@ -350,7 +412,11 @@ def test_saved_tiny_harmon_loads_by_path(tiny, tmp_path: Path) -> None:
     cond = Condition(semantic=sem, instructions=["Redraw it.", "Copy."])
     with torch.no_grad():
         expected = adapter.generation_loss(x, cond, [7, 8])
-        again, enc = build(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, args={"pretrained": str(tmp_path / "umm"), "resolution": 32})))
+        again, enc = build(
+            dataclasses.replace(
+                cfg, model=dataclasses.replace(cfg.model, args={"pretrained": str(tmp_path / "umm"), "resolution": 32})
+            )
+        )
         pixels = torch.linspace(-1, 1, 2 * 3 * 16 * 16).view(2, 3, 16, 16)
         torch.testing.assert_close(enc(pixels), encoder(pixels))
         torch.testing.assert_close(again.eval().generation_loss(x, cond, [7, 8]), expected)
@@ -358,8 +424,14 @@ def test_saved_tiny_harmon_loads_by_path(tiny, tmp_path: Path) -> None:
 
 def test_external_encoder_goes_through_a_trained_projector() -> None:
     tiny = load_config(ROOT / "configs/tiny.yaml")  # its tiny open_clip encoder, at 16px
-    cfg, adapter, encoder = tiny_build(*(f"encoder.{k}={json.dumps(v)}" for k, v in dataclasses.asdict(tiny.encoder).items()))
-    assert adapter.cfg.semantic_dim == encoder.width and adapter.projector is not None and "projector" in adapter.default_trainable
+    _, adapter, encoder = tiny_build(
+        *(f"encoder.{k}={json.dumps(v)}" for k, v in dataclasses.asdict(tiny.encoder).items())
+    )
+    assert (
+        adapter.cfg.semantic_dim == encoder.width
+        and adapter.projector is not None
+        and "projector" in adapter.default_trainable
+    )
     x, sem = batch(encoder)
     loss = adapter.generation_loss(x, Condition(semantic=sem, instructions=["Redraw it.", ""]), [1, 2])
     loss.backward()
@@ -368,14 +440,17 @@ def test_external_encoder_goes_through_a_trained_projector() -> None:
 
 def test_encoder_input_size_is_the_bottleneck_and_bad_settings_name_the_key() -> None:
     _, adapter, encoder = tiny_build("encoder.input_size=16")
-    x, sem = batch(encoder)
+    _, sem = batch(encoder)
     assert sem.shape == (2, 4, 4)  # 16px / stride 8 → 2x2 VAE tokens for a 4x4 target grid
     assert adapter.semantic_embeds(sem).shape == (2, 4 + 4, 32)  # + the 4 buffer tokens
     assert isinstance(adapter, UMMAdapter) and isinstance(adapter, HasOwnEncoder) and isinstance(adapter, Traceable)
-    for overrides, key in ((["encoder.layer=-2"], "encoder.layer: -2"), (["encoder.input_size=12"], "encoder.input_size: 12"),
-                           (["model.args.resolution=36"], "model.args.resolution: 36"),
-                           (["model.args.mar.vae_stride=16"], "model.args.mar: vae_stride=16"),
-                           (["model.args.harmon_weights=/no/such.pth"], "model.args.harmon_weights: no such file")):
+    for overrides, key in (
+        (["encoder.layer=-2"], "encoder.layer: -2"),
+        (["encoder.input_size=12"], "encoder.input_size: 12"),
+        (["model.args.resolution=36"], "model.args.resolution: 36"),
+        (["model.args.mar.vae_stride=16"], "model.args.mar: vae_stride=16"),
+        (["model.args.harmon_weights=/no/such.pth"], "model.args.harmon_weights: no such file"),
+    ):
         with pytest.raises(ConfigError) as info:
             tiny_build(*overrides)
         assert str(info.value).startswith(key), str(info.value)
@@ -384,10 +459,10 @@ def test_encoder_input_size_is_the_bottleneck_and_bad_settings_name_the_key() ->
 def test_hidden_states_for_the_entropy_probe(tiny) -> None:
     _, adapter, encoder = tiny
     layers = adapter.llm.config.num_hidden_layers
-    (states, n), = adapter.hidden_states(Condition(texts=["a red circle"]))
+    ((states, n),) = adapter.hidden_states(Condition(texts=["a red circle"]))
     assert len(states) == layers + 1 and states[0].shape[0] == n + 16 + 4  # prompt ; image tokens + buffers
     _, sem = batch(encoder)
-    (states, n), = adapter.hidden_states(Condition(semantic=sem[:1], instructions=["Describe."]), answers=["red"])
+    ((states, n),) = adapter.hidden_states(Condition(semantic=sem[:1], instructions=["Describe."]), answers=["red"])
     assert states[0].shape[0] - n == len(adapter.tokenizer("red", add_special_tokens=False).input_ids) + 1
 
 
@@ -404,6 +479,8 @@ def test_eval_generate_score_and_probe_run_on_a_tiny_harmon(toy_data, tmp_path: 
     assert eval_main(["score", "--run", str(tmp_path / "a"), "--scorer", "vqa", "--config", str(TINY), *data]) == 0
     assert json.loads((tmp_path / "a/scores/vqa/results.json").read_text())["overall"] is not None
     out = tmp_path / "probe.json"
-    assert probe_main(["run", "--config", str(TINY), "--images", str(toy_data), "--n", "4", "--out", str(out), *data]) == 0
+    assert (
+        probe_main(["run", "--config", str(TINY), "--images", str(toy_data), "--n", "4", "--out", str(out), *data]) == 0
+    )
     summary = json.loads(out.read_text())["summary"]
     assert summary["encoding"]["gap"] is not None and summary["response"]["gap"] is not None

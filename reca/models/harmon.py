@@ -41,10 +41,11 @@ from torch import nn
 
 from reca.adapter import Condition
 from reca.config import ConfigError
-from reca.flow import sample_generator
+from reca.images import to_pil
+from reca.models.common import IGNORE, answer_logprobs, left_pad, position_ids, right_pad, sequence_nll
 from reca.models.mar import MAR, MARConfig, truncated_mask_ratio
 from reca.models.tokenizer import byte_tokenizer
-from reca.objectives import sequence_nll
+from reca.seeds import dropped, generator
 
 IMAGE = "<image>"  # where image features go in a template (split out before tokenising, never a token)
 HEADS = ("mar", "proj_in", "proj_out", "projector")  # what harmon.safetensors holds
@@ -57,40 +58,129 @@ LLM_LORA = r"llm\.model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|
 # MAR's KL-16 VAE (LDM AutoencoderKL, ch 128, ch_mult (1,1,2,2,4); wusize/Harmon src/models/mar/vae.py:
 # the encoder has attention at 16px, attn_resolutions=(16,), the decoder none) as diffusers' AutoencoderKL.
 KL16_CONFIG = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 128, 256, 256, 512],
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "block_out_channels": [128, 128, 256, 256, 512],
     "down_block_types": ["DownEncoderBlock2D"] * 4 + ["AttnDownEncoderBlock2D"],
     "up_block_types": ["UpDecoderBlock2D"] * 5,
-    "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 256,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 256,
 }
 
 
 @dataclass
 class HarmonConfig:
-    pretrained: str = field(default="", metadata={"help": "a folder written by save_pretrained (llm/, vae/, harmon.safetensors); fills llm, vae and harmon_weights"})
-    llm: str = field(default="", metadata={"help": "Qwen2.5 hub id or local dir (Qwen/Qwen2.5-1.5B-Instruct for Harmon-1.5B): its config and tokenizer; its weights too unless harmon_weights are given"})
-    llm_config: dict = field(default_factory=dict, metadata={"help": "transformers Qwen2Config fields for a random LLM (tests)"})
-    tokenizer: str = field(default="", metadata={"help": "tokenizer hub id or dir; empty = the LLM's, or a byte-level one for random LLMs"})
-    harmon_weights: str = field(default="", metadata={"help": "Harmon's public state dict (harmon_1.5b.pth / harmon_0.5b.pth, or .safetensors): llm.*, mar.*, proj_in.*, proj_out.*"})
-    vae: str = field(default="", metadata={"help": "diffusers AutoencoderKL dir; empty = vae_ckpt or random from vae_config"})
-    vae_ckpt: str = field(default="", metadata={"help": "MAR's LDM-format KL-16 file (kl16.ckpt, {'model': state dict}), converted to diffusers' AutoencoderKL on load"})
-    vae_config: dict = field(default_factory=dict, metadata={"help": "diffusers AutoencoderKL fields (random VAE, or the architecture of vae_ckpt); empty with vae_ckpt = MAR's KL-16"})
+    pretrained: str = field(
+        default="",
+        metadata={
+            "help": "a folder written by save_pretrained (llm/, vae/, harmon.safetensors); fills llm, vae and harmon_weights"
+        },
+    )
+    llm: str = field(
+        default="",
+        metadata={
+            "help": "Qwen2.5 hub id or local dir (Qwen/Qwen2.5-1.5B-Instruct for Harmon-1.5B): its config and tokenizer; its weights too unless harmon_weights are given"
+        },
+    )
+    llm_config: dict = field(
+        default_factory=dict, metadata={"help": "transformers Qwen2Config fields for a random LLM (tests)"}
+    )
+    tokenizer: str = field(
+        default="", metadata={"help": "tokenizer hub id or dir; empty = the LLM's, or a byte-level one for random LLMs"}
+    )
+    harmon_weights: str = field(
+        default="",
+        metadata={
+            "help": "Harmon's public state dict (harmon_1.5b.pth / harmon_0.5b.pth, or .safetensors): llm.*, mar.*, proj_in.*, proj_out.*"
+        },
+    )
+    vae: str = field(
+        default="", metadata={"help": "diffusers AutoencoderKL dir; empty = vae_ckpt or random from vae_config"}
+    )
+    vae_ckpt: str = field(
+        default="",
+        metadata={
+            "help": "MAR's LDM-format KL-16 file (kl16.ckpt, {'model': state dict}), converted to diffusers' AutoencoderKL on load"
+        },
+    )
+    vae_config: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "diffusers AutoencoderKL fields (random VAE, or the architecture of vae_ckpt); empty with vae_ckpt = MAR's KL-16"
+        },
+    )
     vae_scale: float = field(default=0.2325, metadata={"help": "latent scale (Harmon configs: vae_scale=0.2325)"})
     mar: MARConfig = field(default_factory=MARConfig, metadata={"help": "MAR sizes (defaults: Harmon-1.5B's mar_huge)"})
-    semantic_dim: int = field(default=0, metadata={"help": "0 = semantic tokens are VAE latents for Harmon's own understanding path (encoder.kind=umm); >0 = width of an external encoder's tokens, mapped by a new trainable projector (reca.build fills it)"})
-    resolution: int = field(default=512, metadata={"help": "generation resolution in pixels (Harmon trains and samples at 512)"})
-    grad_scale: float = field(default=0.1, metadata={"help": "gradient scale on Harmon's own image features, in both RecA and image-to-text (harmon_dev.py grad_scale)"})
-    cond_dropout: float = field(default=0.1, metadata={"help": "probability that a generation sample's instruction or caption becomes cfg_prompt (Harmon datasets: unconditional=0.1); drawn from the sample's seed"})
-    cfg_prompt: str = field(default="Generate an image.", metadata={"help": "the unconditional prompt (training dropout and the CFG branch at sampling)"})
-    t2i_prompt: str = field(default="Generate an image: {prompt}", metadata={"help": "user turn of text-to-image (Harmon Text2ImageDataset)"})
-    recon_prompt: str = field(default="\n<image>{instruction}", metadata={"help": "user turn of a reconstruction condition (harmon_dev / MidjourneyReconstructionDataset: the image right after 'user\\n\\n')"})
-    recon_dropped_prompt: str = field(default="<image>{cfg_prompt}", metadata={"help": "user turn of a dropped reconstruction condition: the image stays, the instruction becomes cfg_prompt (as the official dataset does)"})
-    template: str = field(default="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n", metadata={"help": "chat turn around every user text (xtuner qwen_chat INSTRUCTION)"})
-    i2t_prompt: str = field(default="<image>\n{prompt}", metadata={"help": "user turn of image-to-text (Harmon caption datasets)"})
+    semantic_dim: int = field(
+        default=0,
+        metadata={
+            "help": "0 = semantic tokens are VAE latents for Harmon's own understanding path (encoder.kind=umm); >0 = width of an external encoder's tokens, mapped by a new trainable projector (reca.build fills it)"
+        },
+    )
+    resolution: int = field(
+        default=512, metadata={"help": "generation resolution in pixels (Harmon trains and samples at 512)"}
+    )
+    grad_scale: float = field(
+        default=0.1,
+        metadata={
+            "help": "gradient scale on Harmon's own image features, in both RecA and image-to-text (harmon_dev.py grad_scale)"
+        },
+    )
+    cond_dropout: float = field(
+        default=0.1,
+        metadata={
+            "help": "probability that a generation sample's instruction or caption becomes cfg_prompt (Harmon datasets: unconditional=0.1); drawn from the sample's seed"
+        },
+    )
+    cfg_prompt: str = field(
+        default="Generate an image.",
+        metadata={"help": "the unconditional prompt (training dropout and the CFG branch at sampling)"},
+    )
+    t2i_prompt: str = field(
+        default="Generate an image: {prompt}",
+        metadata={"help": "user turn of text-to-image (Harmon Text2ImageDataset)"},
+    )
+    recon_prompt: str = field(
+        default="\n<image>{instruction}",
+        metadata={
+            "help": "user turn of a reconstruction condition (harmon_dev / MidjourneyReconstructionDataset: the image right after 'user\\n\\n')"
+        },
+    )
+    recon_dropped_prompt: str = field(
+        default="<image>{cfg_prompt}",
+        metadata={
+            "help": "user turn of a dropped reconstruction condition: the image stays, the instruction becomes cfg_prompt (as the official dataset does)"
+        },
+    )
+    template: str = field(
+        default="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
+        metadata={"help": "chat turn around every user text (xtuner qwen_chat INSTRUCTION)"},
+    )
+    i2t_prompt: str = field(
+        default="<image>\n{prompt}", metadata={"help": "user turn of image-to-text (Harmon caption datasets)"}
+    )
     answer_suffix: str = field(default="<|im_end|>", metadata={"help": "ends every answer (qwen_chat SUFFIX_AS_EOS)"})
-    cfg_schedule: Literal["constant", "linear"] = field(default="constant", metadata={"help": "guidance over MAR iterations: constant (Harmon's scripts) or linear (MUSE)"})
-    max_text_tokens: int = field(default=128, metadata={"help": "user texts are truncated to this many tokens (Harmon datasets: max_length=128)"})
-    generate_batch_size: int = field(default=1, metadata={"help": "images sampled together by generate(); 1 makes each image a function of its condition and seed alone; larger is faster on GPU (each image still draws only from its own seed), but padding and batch shape change float rounding, which can move a pixel"})
-    train_mar: bool = field(default=True, metadata={"help": "full fine-tuning also trains the MAR encoder, decoder, diffusion head and proj_in/proj_out (official RecA: everything but the VAE)"})
+    cfg_schedule: Literal["constant", "linear"] = field(
+        default="constant",
+        metadata={"help": "guidance over MAR iterations: constant (Harmon's scripts) or linear (MUSE)"},
+    )
+    max_text_tokens: int = field(
+        default=128, metadata={"help": "user texts are truncated to this many tokens (Harmon datasets: max_length=128)"}
+    )
+    generate_batch_size: int = field(
+        default=1,
+        metadata={
+            "help": "images sampled together by generate(); 1 makes each image a function of its condition and seed alone; larger is faster on GPU (each image still draws only from its own seed), but padding and batch shape change float rounding, which can move a pixel"
+        },
+    )
+    train_mar: bool = field(
+        default=True,
+        metadata={
+            "help": "full fine-tuning also trains the MAR encoder, decoder, diffusion head and proj_in/proj_out (official RecA: everything but the VAE)"
+        },
+    )
     train_llm: bool = field(default=True, metadata={"help": "full fine-tuning trains the LLM"})
 
 
@@ -117,7 +207,11 @@ def _torch_state(path: str, key: str) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise ValueError(f"model.args.{key}: no such file '{path}'")
     try:
-        state = load_file(str(p)) if p.suffix == ".safetensors" else torch.load(str(p), map_location="cpu", weights_only=True)
+        state = (
+            load_file(str(p))
+            if p.suffix == ".safetensors"
+            else torch.load(str(p), map_location="cpu", weights_only=True)
+        )
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same config error
         raise ValueError(f"model.args.{key}: cannot read '{path}': {str(e).splitlines()[0]}") from None
     for wrapper in ("model", "state_dict", "module"):  # kl16.ckpt is {"model": ...}; trainer files wrap too
@@ -147,7 +241,9 @@ def convert_ldm_vae(state: dict[str, torch.Tensor], config: dict) -> dict[str, t
     out = {k: v for k, v in convert_ldm_vae_checkpoint(state, config).items() if not k.startswith("encoder.down.")}
     for i in range(len(config["down_block_types"])):
         keys = [k for k in state if k.startswith(f"encoder.down.{i}.attn.")]
-        update_vae_attentions_ldm_to_diffusers(keys, out, state, {"old": f"down.{i}.attn", "new": f"down_blocks.{i}.attentions"})
+        update_vae_attentions_ldm_to_diffusers(
+            keys, out, state, {"old": f"down.{i}.attn", "new": f"down_blocks.{i}.attentions"}
+        )
     return out
 
 
@@ -159,7 +255,9 @@ def _load_vae(args: HarmonConfig) -> diffusers.AutoencoderKL:
             raise ValueError(f"model.args.vae: cannot load '{args.vae}': {str(e).splitlines()[0]}") from None
     config = args.vae_config or (KL16_CONFIG if args.vae_ckpt else {})
     if not config:
-        raise ValueError("model.args.vae: give a diffusers dir, vae_ckpt (MAR's kl16.ckpt) or vae_config for a random VAE")
+        raise ValueError(
+            "model.args.vae: give a diffusers dir, vae_ckpt (MAR's kl16.ckpt) or vae_config for a random VAE"
+        )
     try:
         vae = diffusers.AutoencoderKL(**config)
     except TypeError as e:
@@ -179,8 +277,14 @@ class HarmonAdapter(nn.Module):
     # instance list follows train_mar / train_llm
     default_trainable: ClassVar[list[str]] = ["llm", "mar", "proj_in", "proj_out"]
 
-    def __init__(self, cfg: HarmonConfig, llm: transformers.PreTrainedModel, tokenizer, vae: diffusers.AutoencoderKL,
-                 source: str = "random"):
+    def __init__(
+        self,
+        cfg: HarmonConfig,
+        llm: transformers.PreTrainedModel,
+        tokenizer,
+        vae: diffusers.AutoencoderKL,
+        source: str = "random",
+    ):
         super().__init__()
         self.cfg, self.llm, self.tokenizer, self.vae, self.source = cfg, llm, tokenizer, vae, source
         self.resolution = cfg.resolution
@@ -188,14 +292,23 @@ class HarmonAdapter(nn.Module):
         m = cfg.mar
         stride = 2 ** (len(vae.config.block_out_channels) - 1)
         if stride != m.vae_stride or vae.config.latent_channels != m.vae_embed_dim:
-            raise ValueError(f"model.args.mar: vae_stride={m.vae_stride}, vae_embed_dim={m.vae_embed_dim} do not match the VAE "
-                             f"(downsampling {stride}, {vae.config.latent_channels} latent channels)")
+            raise ValueError(
+                f"model.args.mar: vae_stride={m.vae_stride}, vae_embed_dim={m.vae_embed_dim} do not match the VAE "
+                f"(downsampling {stride}, {vae.config.latent_channels} latent channels)"
+            )
         if cfg.resolution % (m.vae_stride * m.patch_size):
-            raise ValueError(f"model.args.resolution: {cfg.resolution} must be a multiple of vae_stride x patch_size = {m.vae_stride * m.patch_size}")
+            raise ValueError(
+                f"model.args.resolution: {cfg.resolution} must be a multiple of vae_stride x patch_size = {m.vae_stride * m.patch_size}"
+            )
         if not 0 <= cfg.cond_dropout <= 1:
             raise ValueError("model.args.cond_dropout: must be a probability in [0, 1]")
-        for key, slots in (("template", ["{input}"]), ("t2i_prompt", ["{prompt}"]), ("recon_prompt", [IMAGE, "{instruction}"]),
-                           ("recon_dropped_prompt", [IMAGE]), ("i2t_prompt", [IMAGE, "{prompt}"])):
+        for key, slots in (
+            ("template", ["{input}"]),
+            ("t2i_prompt", ["{prompt}"]),
+            ("recon_prompt", [IMAGE, "{instruction}"]),
+            ("recon_dropped_prompt", [IMAGE]),
+            ("i2t_prompt", [IMAGE, "{prompt}"]),
+        ):
             missing = [s for s in slots if s not in getattr(cfg, key)]
             if missing:
                 raise ValueError(f"model.args.{key}: needs {' and '.join(missing)}")
@@ -205,13 +318,24 @@ class HarmonAdapter(nn.Module):
         self.proj_out = _mlp(hidden, hidden, m.encoder_embed_dim)
         self.projector = None
         if cfg.semantic_dim > 0:  # an external encoder's tokens: a new trainable projector into the LLM
-            self.projector = nn.Sequential(nn.LayerNorm(cfg.semantic_dim), nn.Linear(cfg.semantic_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+            self.projector = nn.Sequential(
+                nn.LayerNorm(cfg.semantic_dim),
+                nn.Linear(cfg.semantic_dim, hidden),
+                nn.GELU(),
+                nn.Linear(hidden, hidden),
+            )
         trainable = (["llm"] if cfg.train_llm else []) + (["mar", "proj_in", "proj_out"] if cfg.train_mar else [])
         if self.projector is not None:
             trainable.append("projector")
-            self.default_lora_targets = rf"({LLM_LORA})|(projector\.(1|3))"  # the new projector is random: LoRA on it too
+            self.default_lora_targets = (
+                rf"({LLM_LORA})|(projector\.(1|3))"  # the new projector is random: LoRA on it too
+            )
         self.default_trainable = trainable
-        self.eos_id = tokenizer.convert_tokens_to_ids(cfg.answer_suffix) if cfg.answer_suffix in tokenizer.get_vocab() else tokenizer.eos_token_id
+        self.eos_id = (
+            tokenizer.convert_tokens_to_ids(cfg.answer_suffix)
+            if cfg.answer_suffix in tokenizer.get_vocab()
+            else tokenizer.eos_token_id
+        )
 
     # ------------------------------------------------------------------ build / save
 
@@ -221,28 +345,49 @@ class HarmonAdapter(nn.Module):
         if args.pretrained:
             root = Path(args.pretrained)
             if not (root / "reca_adapter.json").is_file():
-                raise ValueError(f"model.args.pretrained: '{root}' is not a folder written by save_pretrained (no reca_adapter.json)")
+                raise ValueError(
+                    f"model.args.pretrained: '{root}' is not a folder written by save_pretrained (no reca_adapter.json)"
+                )
             saved = json.loads((root / "reca_adapter.json").read_text())["args"]
             # the architecture is the saved one (it must fit the weights); prompts and sampling stay the caller's
-            arch = {"mar": MARConfig(**saved["mar"]), "vae_scale": saved["vae_scale"], "semantic_dim": saved["semantic_dim"]}
-            args = dataclasses.replace(args, llm=str(root / "llm"), tokenizer=str(root / "llm"), vae=str(root / "vae"), vae_ckpt="",
-                                       vae_config={}, **arch)
+            arch = {
+                "mar": MARConfig(**saved["mar"]),
+                "vae_scale": saved["vae_scale"],
+                "semantic_dim": saved["semantic_dim"],
+            }
+            args = dataclasses.replace(
+                args,
+                llm=str(root / "llm"),
+                tokenizer=str(root / "llm"),
+                vae=str(root / "vae"),
+                vae_ckpt="",
+                vae_config={},
+                **arch,
+            )
             weights, key = str(root / "harmon.safetensors"), "pretrained"
         if args.llm:
             try:
-                if args.harmon_weights and not args.pretrained:  # the weights come from Harmon's file: architecture only
-                    llm = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(args.llm))
+                if (
+                    args.harmon_weights and not args.pretrained
+                ):  # the weights come from Harmon's file: architecture only
+                    llm = transformers.AutoModelForCausalLM.from_config(
+                        transformers.AutoConfig.from_pretrained(args.llm)
+                    )
                 else:
                     llm = transformers.AutoModelForCausalLM.from_pretrained(args.llm)
             except (OSError, ValueError) as e:
-                raise ValueError(f"model.args.llm: cannot load '{args.llm}' (hub id or local dir): {str(e).splitlines()[0]}") from None
+                raise ValueError(
+                    f"model.args.llm: cannot load '{args.llm}' (hub id or local dir): {str(e).splitlines()[0]}"
+                ) from None
         elif args.llm_config:
             try:
                 llm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**args.llm_config))
             except (TypeError, ValueError) as e:
                 raise ValueError(f"model.args.llm_config: not a valid Qwen2Config: {str(e).splitlines()[0]}") from None
         else:
-            raise ValueError("model.args.llm: give a Qwen2.5 hub id / local dir, or model.args.llm_config for a random LLM")
+            raise ValueError(
+                "model.args.llm: give a Qwen2.5 hub id / local dir, or model.args.llm_config for a random LLM"
+            )
         if args.tokenizer or args.llm:
             tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer or args.llm)
         else:
@@ -261,7 +406,9 @@ class HarmonAdapter(nn.Module):
         """Harmon's public state dict (or reca's harmon.safetensors): names as in wusize/Harmon's
         ``Harmon`` module, so they load as they are. Ignored: the VAE (loaded on its own) and MAR's
         class embedding (Harmon has no classes)."""
-        state = {k: v for k, v in _torch_state(path, key).items() if not k.startswith("vae.") and k != "mar.class_emb.weight"}
+        state = {
+            k: v for k, v in _torch_state(path, key).items() if not k.startswith("vae.") and k != "mar.class_emb.weight"
+        }
         own = self._own_state_keys()
         if key == "pretrained":  # reca's harmon.safetensors: the LLM and the VAE are in their own folders
             own = {k for k in own if k.split(".")[0] in HEADS}
@@ -283,8 +430,19 @@ class HarmonAdapter(nn.Module):
         self.vae.save_pretrained(path / "vae")
         heads = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k.split(".")[0] in HEADS}
         save_file(heads, str(path / "harmon.safetensors"))
-        args = asdict(self.cfg) | {"pretrained": "", "llm": "", "llm_config": {}, "tokenizer": "", "harmon_weights": "", "vae": "", "vae_ckpt": "", "vae_config": {}}
-        (path / "reca_adapter.json").write_text(json.dumps({"adapter": f"{__name__}:{type(self).__name__}", "args": args}, indent=2))
+        args = asdict(self.cfg) | {
+            "pretrained": "",
+            "llm": "",
+            "llm_config": {},
+            "tokenizer": "",
+            "harmon_weights": "",
+            "vae": "",
+            "vae_ckpt": "",
+            "vae_config": {},
+        }
+        (path / "reca_adapter.json").write_text(
+            json.dumps({"adapter": f"{__name__}:{type(self).__name__}", "args": args}, indent=2)
+        )
 
     def enable_gradient_checkpointing(self) -> None:
         self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -309,15 +467,26 @@ class HarmonAdapter(nn.Module):
         m = self.cfg.mar
         size = input_size or self.resolution
         if layer != -1:
-            raise ConfigError(f"encoder.layer: {layer}; Harmon's understanding features are the MAR encoder's output: set encoder.layer=-1")
+            raise ConfigError(
+                f"encoder.layer: {layer}; Harmon's understanding features are the MAR encoder's output: set encoder.layer=-1"
+            )
         if size % (m.vae_stride * m.patch_size):
-            raise ConfigError(f"encoder.input_size: {size} must be a multiple of vae_stride x patch_size = {m.vae_stride * m.patch_size}")
+            raise ConfigError(
+                f"encoder.input_size: {size} must be a multiple of vae_stride x patch_size = {m.vae_stride * m.patch_size}"
+            )
 
         def features(x: torch.Tensor) -> torch.Tensor:
             return self.encode_tokens(x)
 
-        return FrozenEncoder(self.vae, features, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), m.token_dim,
-                             identity=f"harmon:{self.source}:vae-tokens:{size}px")
+        return FrozenEncoder(
+            self.vae,
+            features,
+            size,
+            (0.5, 0.5, 0.5),
+            (0.5, 0.5, 0.5),
+            m.token_dim,
+            identity=f"harmon:{self.source}:vae-tokens:{size}px",
+        )
 
     # ------------------------------------------------------------------ tokens
 
@@ -336,12 +505,16 @@ class HarmonAdapter(nn.Module):
     def decode_tokens(self, tokens: torch.Tensor, grid: int) -> list[Image.Image]:
         p, c = self.cfg.mar.patch_size, self.cfg.mar.vae_embed_dim
         b = tokens.shape[0]
-        z = (tokens / self.cfg.vae_scale).view(b, grid, grid, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, grid * p, grid * p)
+        z = (
+            (tokens / self.cfg.vae_scale)
+            .view(b, grid, grid, c, p, p)
+            .permute(0, 3, 1, 4, 2, 5)
+            .reshape(b, c, grid * p, grid * p)
+        )
         vae = self.vae
         with torch.autocast(tokens.device.type, enabled=False):
             pixels = vae.decode(z.to(vae.device, vae.dtype)).sample
-        arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in arr]
+        return to_pil(pixels)
 
     @staticmethod
     def _grid(n: int) -> tuple[int, int]:
@@ -350,7 +523,9 @@ class HarmonAdapter(nn.Module):
             raise ValueError(f"{n} image tokens are not a square grid")
         return side, side
 
-    def visual_features(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def visual_features(
+        self, tokens: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(MAR encoder output, its LLM-width projection with the buffer tokens last) — Harmon's
         ``extract_visual_feature``; ``mask`` 1 = hidden token (dropped), None = all visible."""
         x_enc = self.mar.encode(tokens, mask, self._grid(tokens.shape[1]))
@@ -364,11 +539,15 @@ class HarmonAdapter(nn.Module):
         if self.projector is not None:
             width = self.projector[0].normalized_shape[0]
             if semantic.shape[-1] != width:
-                raise ValueError(f"semantic tokens have width {semantic.shape[-1]}, the projector takes {width} (model.args.semantic_dim)")
+                raise ValueError(
+                    f"semantic tokens have width {semantic.shape[-1]}, the projector takes {width} (model.args.semantic_dim)"
+                )
             return self.projector(semantic.to(self.proj_in[0].weight))
         if semantic.shape[-1] != self.cfg.mar.token_dim:
-            raise ValueError(f"semantic tokens have width {semantic.shape[-1]} but Harmon's own path takes VAE tokens of width "
-                             f"{self.cfg.mar.token_dim}: use encoder.kind=umm, or set model.args.semantic_dim to the encoder's width")
+            raise ValueError(
+                f"semantic tokens have width {semantic.shape[-1]} but Harmon's own path takes VAE tokens of width "
+                f"{self.cfg.mar.token_dim}: use encoder.kind=umm, or set model.args.semantic_dim to the encoder's width"
+            )
         z = self.visual_features(semantic.to(self.proj_in[0].weight))[1]
         return _ScaleGrad.apply(z, self.cfg.grad_scale) if torch.is_grad_enabled() else z
 
@@ -387,7 +566,9 @@ class HarmonAdapter(nn.Module):
         emb = self.llm.get_input_embeddings()
         parts = text.split(IMAGE)
         if len(parts) != (1 if image is None else 2):
-            raise ValueError(f"a prompt has {len(parts) - 1} '{IMAGE}' marks for {0 if image is None else 1} image(s) (a text contains '{IMAGE}'?)")
+            raise ValueError(
+                f"a prompt has {len(parts) - 1} '{IMAGE}' marks for {0 if image is None else 1} image(s) (a text contains '{IMAGE}'?)"
+            )
         pieces = []
         for j, part in enumerate(parts):
             if j:
@@ -410,7 +591,10 @@ class HarmonAdapter(nn.Module):
 
     def _prompt_rows(self, cond: Condition, drop: Sequence[bool]) -> list[torch.Tensor]:
         images = self.semantic_embeds(cond.semantic) if cond.semantic is not None else None
-        return [self._embed(self.prompt_text(cond, i, drop[i]), None if images is None else images[i]) for i in range(len(cond))]
+        return [
+            self._embed(self.prompt_text(cond, i, drop[i]), None if images is None else images[i])
+            for i in range(len(cond))
+        ]
 
     def _unconditional_rows(self, n: int) -> list[torch.Tensor]:
         # the CFG branch: the generic prompt, no image (Harmon text2image.py / sample_recon)
@@ -418,18 +602,13 @@ class HarmonAdapter(nn.Module):
 
     def _llm_suffix(self, prompts: Sequence[torch.Tensor], images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Left-padded [prompt ; image features] through the LLM; the last hidden states of each image part."""
-        rows = [torch.cat([p, z.to(p.dtype)]) for p, z in zip(prompts, images)]
-        width = max(r.shape[0] for r in rows)
-        x = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=x.device)
-        for i, r in enumerate(rows):
-            x[i, width - r.shape[0]:], mask[i, width - r.shape[0]:] = r, 1
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        hidden = self.llm.model(inputs_embeds=x, attention_mask=mask, position_ids=position_ids).last_hidden_state
-        return [hidden[i, width - z.shape[0]:] for i, z in enumerate(images)]
+        x, mask = left_pad([torch.cat([p, z.to(p.dtype)]) for p, z in zip(prompts, images)])
+        hidden = self.llm.model(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        return [hidden[i, hidden.shape[1] - z.shape[0] :] for i, z in enumerate(images)]
 
-    def _through_llm(self, prompts: Sequence[torch.Tensor], tokens: Sequence[torch.Tensor],
-                     masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _through_llm(
+        self, prompts: Sequence[torch.Tensor], tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
         """Per sample: visible tokens → MAR encoder → LLM after the prompt → residual → MAR decoder
         conditions ``(L, D_dec)`` (Harmon ``forward_mae_encoder`` + ``forward_mae_decoder``)."""
         enc, feats = zip(*(self.visual_features(t[None], m[None]) for t, m in zip(tokens, masks)))
@@ -445,18 +624,22 @@ class HarmonAdapter(nn.Module):
     # ------------------------------------------------------------------ losses
 
     def draw(self, seed: int, n_tokens: int) -> dict[str, torch.Tensor | bool]:
-        """Every random choice of one training sample, from its seed: condition dropout (stream
-        seed + 2, as reca's other adapters), then order, mask ratio, timesteps and noise (stream seed)."""
+        """Every random choice of one training sample, each kind from its own stream of the sample's
+        seed (reca.seeds): condition dropout, masking order and ratio, timesteps, noise. MAR draws
+        one mask ratio per batch; here each sample draws its own (same distribution), so a sample's
+        loss does not depend on its batch."""
         m = self.cfg.mar
-        drop = torch.rand((), generator=sample_generator(seed + 2)).item() < self.cfg.cond_dropout
-        g = sample_generator(seed)
+        drop = dropped([seed], self.cfg.cond_dropout)[0]
+        g = generator(seed, "mask")
         order = torch.randperm(n_tokens, generator=g)
         ratio = truncated_mask_ratio(torch.rand((), generator=g, dtype=torch.float64), m.mask_ratio_min)
-        masked = int(math.ceil(n_tokens * ratio.item()))
+        masked = math.ceil(n_tokens * ratio.item())
         mask = torch.zeros(n_tokens)
         mask[order[:masked]] = 1.0
-        t = torch.randint(0, m.num_train_timesteps, (m.diffusion_batch_mul, n_tokens), generator=g)
-        noise = torch.randn((m.diffusion_batch_mul, n_tokens, m.token_dim), generator=g)
+        t = torch.randint(
+            0, m.num_train_timesteps, (m.diffusion_batch_mul, n_tokens), generator=generator(seed, "timestep")
+        )
+        noise = torch.randn((m.diffusion_batch_mul, n_tokens, m.token_dim), generator=generator(seed, "noise"))
         return {"drop": drop, "mask": mask, "t": t, "noise": noise}
 
     def mar_loss(self, tokens: torch.Tensor, cond: Condition, draws: Sequence[dict]) -> torch.Tensor:
@@ -469,15 +652,18 @@ class HarmonAdapter(nn.Module):
         losses = []
         for zi, target, d, mask in zip(z, tokens, draws, masks):
             k = self.cfg.mar.diffusion_batch_mul
-            rows = self.mar.diffloss.loss(target.repeat(k, 1), zi.repeat(k, 1), d["t"].to(device).flatten(),
-                                          d["noise"].to(device).flatten(0, 1))
+            rows = self.mar.diffloss.loss(
+                target.repeat(k, 1), zi.repeat(k, 1), d["t"].to(device).flatten(), d["noise"].to(device).flatten(0, 1)
+            )
             weight = mask.repeat(k)
             losses.append((rows * weight).sum() / weight.sum())
         return torch.stack(losses).mean()
 
     def generation_loss(self, images: torch.Tensor, cond: Condition, seeds: Sequence[int]) -> torch.Tensor:
         if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
-            raise ValueError(f"images are {tuple(images.shape[-2:])}, this Harmon adapter generates {self.resolution}x{self.resolution}")
+            raise ValueError(
+                f"images are {tuple(images.shape[-2:])}, this Harmon adapter generates {self.resolution}x{self.resolution}"
+            )
         tokens = self.encode_tokens(images)
         return self.mar_loss(tokens, cond, [self.draw(s, tokens.shape[1]) for s in seeds])
 
@@ -490,28 +676,17 @@ class HarmonAdapter(nn.Module):
             head = self._embed(self.cfg.template.replace("{input}", user), img)
             ans = self._ids(self._clip(answer)) + [self.eos_id]
             rows.append(torch.cat([head, emb(torch.tensor(ans, device=emb.weight.device))]))
-            labels.append([-100] * head.shape[0] + ans)
-        width = max(r.shape[0] for r in rows)
-        x = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
-        target = torch.full((len(rows), width), -100, dtype=torch.long, device=x.device)
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=x.device)
-        for i, (r, lab) in enumerate(zip(rows, labels)):
-            x[i, : r.shape[0]], mask[i, : r.shape[0]] = r, 1
-            target[i, : len(lab)] = torch.tensor(lab, device=x.device)
-        return x, mask, target
+            labels.append(torch.tensor([IGNORE] * head.shape[0] + ans))
+        return right_pad(rows, labels)
 
     def _answer_token_logprobs(self, semantic, prompts, answers) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, mask, labels = self._understanding_batch(semantic, prompts, answers)
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        target = labels[:, 1:]
-        valid = target != -100
-        # the LM head only where an answer token is predicted (1,088 image positions per sample)
-        logits = self.llm.lm_head(hidden[:, :-1][valid]).float()
-        logp = hidden.new_zeros(target.shape, dtype=torch.float32)
-        logp[valid] = torch.log_softmax(logits, -1).gather(-1, target[valid][:, None])[:, 0]
-        return logp, valid
+        return answer_logprobs(hidden, labels, self.llm.lm_head)
 
-    def understanding_loss(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+    def understanding_loss(
+        self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]
+    ) -> torch.Tensor:
         return sequence_nll(*self._answer_token_logprobs(semantic, prompts, answers))
 
     def answer_logprob(self, semantic: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
@@ -520,7 +695,9 @@ class HarmonAdapter(nn.Module):
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
-    def sample_tokens(self, cond: Condition, seeds: Sequence[int], guidance_scale: float, num_iter: int) -> torch.Tensor:
+    def sample_tokens(
+        self, cond: Condition, seeds: Sequence[int], guidance_scale: float, num_iter: int
+    ) -> torch.Tensor:
         """MAR's iterative sampling (Harmon ``sample``): start fully masked; at step k predict the
         tokens that the cosine schedule unmasks, in image ``i``'s random order from ``seeds[i]``;
         CFG against the generic prompt. Returns tokens ``(B, L, C)``."""
@@ -528,8 +705,8 @@ class HarmonAdapter(nn.Module):
         side = self.resolution // (m.vae_stride * m.patch_size)
         seq_len = side * side
         device = self.proj_in[0].weight.device
-        gens = [torch.Generator().manual_seed(int(s) % (2**63)) for s in seeds]
-        orders = torch.stack([torch.randperm(seq_len, generator=g) for g in gens]).to(device)
+        gens = [generator(s, "noise") for s in seeds]  # CPU generators: images do not depend on the device
+        orders = torch.stack([torch.randperm(seq_len, generator=generator(s, "mask")) for s in seeds]).to(device)
         use_cfg = guidance_scale != 1.0
         prompts = self._prompt_rows(cond, [False] * n) + (self._unconditional_rows(n) if use_cfg else [])
         tokens = torch.zeros(n, seq_len, m.token_dim, device=device)
@@ -539,7 +716,7 @@ class HarmonAdapter(nn.Module):
             z = torch.stack(self._through_llm(prompts, list(tokens.repeat(rep, 1, 1)), list(mask.repeat(rep, 1))))
             # mask ratio for the next round: cosine (MaskGIT), at least one token per step, all at the end
             remaining = int(mask[0].sum().item())
-            mask_len = max(1, min(remaining - 1, int(math.floor(seq_len * math.cos(math.pi / 2 * (step + 1) / num_iter)))))
+            mask_len = max(1, min(remaining - 1, math.floor(seq_len * math.cos(math.pi / 2 * (step + 1) / num_iter))))
             mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :mask_len], 1.0)
             to_pred = mask.bool() if step >= num_iter - 1 or remaining == 1 else mask.bool() & ~mask_next.bool()
             where = to_pred.nonzero(as_tuple=True)
@@ -560,12 +737,17 @@ class HarmonAdapter(nn.Module):
         bs = max(1, self.cfg.generate_batch_size)
         for start in range(0, len(cond), bs):
             sl = slice(start, start + bs)
-            part = Condition(texts=cond.texts[sl]) if cond.texts is not None else \
-                Condition(semantic=cond.semantic[sl], instructions=cond.instructions[sl])
+            part = (
+                Condition(texts=cond.texts[sl])
+                if cond.texts is not None
+                else Condition(semantic=cond.semantic[sl], instructions=cond.instructions[sl])
+            )
             yield part, list(seeds[sl])
 
     @torch.no_grad()
-    def generate(self, cond: Condition, *, seeds: Sequence[int], guidance_scale: float = 3.0, num_steps: int = 64) -> list[Image.Image]:
+    def generate(
+        self, cond: Condition, *, seeds: Sequence[int], guidance_scale: float = 3.0, num_steps: int = 64
+    ) -> list[Image.Image]:
         """``num_steps`` = MAR iterations (Harmon's default 64); the diffusion head takes
         ``mar.num_sampling_steps`` steps each. Harmon's default guidance is 3."""
         side = self.resolution // (self.cfg.mar.vae_stride * self.cfg.mar.patch_size)
@@ -575,22 +757,30 @@ class HarmonAdapter(nn.Module):
         return out
 
     @torch.no_grad()
-    def hidden_states(self, cond: Condition, answers: Sequence[str] | None = None) -> list[tuple[list[torch.Tensor], int]]:
+    def hidden_states(
+        self, cond: Condition, answers: Sequence[str] | None = None
+    ) -> list[tuple[list[torch.Tensor], int]]:
         """Per sample: the LLM's hidden states ``(T, d)`` at every layer (embeddings first) over
         [prompt ; response] and the prompt length (reca.adapter.Traceable). With ``answers``: the
         answer tokens after the image and the question (``cond.instructions``). Without: the image
         positions (MAR encoder features of an image sampled for the prompt, seed = index,
         guidance 3, 16 iterations), all tokens visible."""
         if answers is None:
-            tokens = torch.cat([self.sample_tokens(p, s, 3.0, 16) for p, s in self._chunks(cond, list(range(len(cond))))])
+            tokens = torch.cat(
+                [self.sample_tokens(p, s, 3.0, 16) for p, s in self._chunks(cond, list(range(len(cond))))]
+            )
             prompts = self._prompt_rows(cond, [False] * len(cond))
             feats = self.visual_features(tokens)[1]
             seqs = [(torch.cat([p, f.to(p.dtype)]), p.shape[0]) for p, f in zip(prompts, feats)]
         else:
             if cond.semantic is None:
-                raise ValueError("text responses are traced for image prompts (captioning): give Condition(semantic=...)")
+                raise ValueError(
+                    "text responses are traced for image prompts (captioning): give Condition(semantic=...)"
+                )
             embeds, mask, labels = self._understanding_batch(cond.semantic, cond.instructions, answers)
-            seqs = [(embeds[i, : int(mask[i].sum())], int((labels[i] != -100).nonzero()[0])) for i in range(len(embeds))]
+            seqs = [
+                (embeds[i, : int(mask[i].sum())], int((labels[i] != IGNORE).nonzero()[0])) for i in range(len(embeds))
+            ]
         out = []
         for seq, prompt_len in seqs:
             states = self.llm.model(inputs_embeds=seq[None], output_hidden_states=True).hidden_states

@@ -36,7 +36,12 @@ from torch import nn
 class MARConfig:
     """Sizes of Harmon's MAR (wusize/Harmon configs/models/qwen2_5_{0_5b,1_5b}_kl16_mar_{b,h}.py)."""
 
-    img_size: int = field(default=256, metadata={"help": "image size the learned position embeddings were made for (Harmon: 256, i.e. a 16x16 grid; other sizes interpolate them)"})
+    img_size: int = field(
+        default=256,
+        metadata={
+            "help": "image size the learned position embeddings were made for (Harmon: 256, i.e. a 16x16 grid; other sizes interpolate them)"
+        },
+    )
     vae_stride: int = field(default=16, metadata={"help": "VAE downsampling factor (KL-16: 16)"})
     patch_size: int = field(default=1, metadata={"help": "VAE latents per MAR token side (Harmon: 1)"})
     vae_embed_dim: int = field(default=16, metadata={"help": "VAE latent channels (KL-16: 16)"})
@@ -47,14 +52,30 @@ class MARConfig:
     decoder_depth: int = field(default=20, metadata={"help": "MAR decoder blocks"})
     decoder_num_heads: int = field(default=16, metadata={"help": "MAR decoder heads"})
     mlp_ratio: float = field(default=4.0, metadata={"help": "ViT block MLP ratio"})
-    buffer_size: int = field(default=64, metadata={"help": "learned buffer tokens before the image tokens (MAR's class-token slots)"})
-    dropout: float = field(default=0.0, metadata={"help": "attention and projection dropout in the MAR blocks; Harmon trains with 0.1, reca defaults to 0 because dropout draws from the global RNG (resume and DDP would no longer be exact)"})
+    buffer_size: int = field(
+        default=64, metadata={"help": "learned buffer tokens before the image tokens (MAR's class-token slots)"}
+    )
+    dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "attention and projection dropout in the MAR blocks; Harmon trains with 0.1, reca defaults to 0 because dropout draws from the global RNG (resume and DDP would no longer be exact)"
+        },
+    )
     diffloss_d: int = field(default=12, metadata={"help": "diffusion head residual blocks (Harmon-1.5B 12, -0.5B 6)"})
     diffloss_w: int = field(default=1536, metadata={"help": "diffusion head width (Harmon-1.5B 1536, -0.5B 1024)"})
-    num_sampling_steps: int = field(default=100, metadata={"help": "diffusion head denoising steps per MAR iteration at sampling (Harmon: 100)"})
-    diffusion_batch_mul: int = field(default=4, metadata={"help": "each target token is trained at this many timesteps per step (MAR: 4)"})
-    mask_ratio_min: float = field(default=0.7, metadata={"help": "mask ratios are drawn from a normal(1, 0.25) truncated to [mask_ratio_min, 1] (MAR)"})
-    noise_schedule: Literal["cosine", "linear"] = field(default="cosine", metadata={"help": "diffusion head betas: cosine (iDDPM, MAR's choice) or linear"})
+    num_sampling_steps: int = field(
+        default=100, metadata={"help": "diffusion head denoising steps per MAR iteration at sampling (Harmon: 100)"}
+    )
+    diffusion_batch_mul: int = field(
+        default=4, metadata={"help": "each target token is trained at this many timesteps per step (MAR: 4)"}
+    )
+    mask_ratio_min: float = field(
+        default=0.7,
+        metadata={"help": "mask ratios are drawn from a normal(1, 0.25) truncated to [mask_ratio_min, 1] (MAR)"},
+    )
+    noise_schedule: Literal["cosine", "linear"] = field(
+        default="cosine", metadata={"help": "diffusion head betas: cosine (iDDPM, MAR's choice) or linear"}
+    )
     num_train_timesteps: int = field(default=1000, metadata={"help": "diffusion head training timesteps"})
 
     @property
@@ -67,12 +88,22 @@ class MARConfig:
 
 
 def make_scheduler(cfg: MARConfig) -> DDPMScheduler:
-    betas = {"cosine": {"beta_schedule": "squaredcos_cap_v2"},
-             # iDDPM's linear schedule: 1e-4 … 0.02 for 1000 steps, scaled by 1000 / T
-             "linear": {"beta_schedule": "linear", "beta_start": 1e-4 * 1000 / cfg.num_train_timesteps,
-                        "beta_end": 0.02 * 1000 / cfg.num_train_timesteps}}[cfg.noise_schedule]
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, variance_type="learned_range", clip_sample=False,
-                         timestep_spacing="linspace", **betas)
+    betas = {
+        "cosine": {"beta_schedule": "squaredcos_cap_v2"},
+        # iDDPM's linear schedule: 1e-4 … 0.02 for 1000 steps, scaled by 1000 / T
+        "linear": {
+            "beta_schedule": "linear",
+            "beta_start": 1e-4 * 1000 / cfg.num_train_timesteps,
+            "beta_end": 0.02 * 1000 / cfg.num_train_timesteps,
+        },
+    }[cfg.noise_schedule]
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        variance_type="learned_range",
+        clip_sample=False,
+        timestep_spacing="linspace",
+        **betas,
+    )
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -171,11 +202,15 @@ class DiffusionHead(nn.Module):
         ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
         post_var = betas * (1 - ac_prev) / (1 - ac)
         self._tables = {
-            "sqrt_ac": ac.sqrt(), "sqrt_1m_ac": (1 - ac).sqrt(),
-            "sqrt_recip_ac": (1 / ac).sqrt(), "sqrt_recipm1_ac": (1 / ac - 1).sqrt(),
-            "coef_x0": betas * ac_prev.sqrt() / (1 - ac), "coef_xt": (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac),
+            "sqrt_ac": ac.sqrt(),
+            "sqrt_1m_ac": (1 - ac).sqrt(),
+            "sqrt_recip_ac": (1 / ac).sqrt(),
+            "sqrt_recipm1_ac": (1 / ac - 1).sqrt(),
+            "coef_x0": betas * ac_prev.sqrt() / (1 - ac),
+            "coef_xt": (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac),
             # the posterior variance is 0 at t = 0: its log is clipped to the t = 1 value (iDDPM)
-            "post_logvar": torch.log(torch.cat([post_var[1:2], post_var[1:]])), "log_beta": betas.log(),
+            "post_logvar": torch.log(torch.cat([post_var[1:2], post_var[1:]])),
+            "log_beta": betas.log(),
         }
 
     def _table(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -199,15 +234,21 @@ class DiffusionHead(nn.Module):
         model_mean = tab("coef_x0") * x0_pred + tab("coef_xt") * x_t
         frac = (v + 1) / 2
         model_logvar = frac * tab("log_beta") + (1 - frac) * true_logvar
-        kl = 0.5 * (-1.0 + model_logvar - true_logvar + torch.exp(true_logvar - model_logvar)
-                    + (true_mean - model_mean).pow(2) * torch.exp(-model_logvar))
+        kl = 0.5 * (
+            -1.0
+            + model_logvar
+            - true_logvar
+            + torch.exp(true_logvar - model_logvar)
+            + (true_mean - model_mean).pow(2) * torch.exp(-model_logvar)
+        )
         nll = _discretized_gaussian_nll(x0, model_mean, 0.5 * model_logvar)
         vb = torch.where(t[:, None] == 0, nll, kl).mean(-1) / math.log(2.0)
         return mse + vb
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, z_uncond: torch.Tensor | None, guidance: float,
-               generators: Sequence[torch.Generator]) -> torch.Tensor:
+    def sample(
+        self, z: torch.Tensor, z_uncond: torch.Tensor | None, guidance: float, generators: Sequence[torch.Generator]
+    ) -> torch.Tensor:
         """One token per row of ``z`` (N, D), ancestral DDPM sampling over the respaced timesteps.
 
         With ``z_uncond``, classifier-free guidance on ε (``ε_u + s·(ε_c − ε_u)``), the variance from
@@ -224,8 +265,8 @@ class DiffusionHead(nn.Module):
             else:
                 both = self.net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([z, z_uncond])).float()
                 cond, uncond = both.chunk(2)
-                eps = uncond[:, :self.channels] + guidance * (cond[:, :self.channels] - uncond[:, :self.channels])
-                out = torch.cat([eps, cond[:, self.channels:]], -1)
+                eps = uncond[:, : self.channels] + guidance * (cond[:, : self.channels] - uncond[:, : self.channels])
+                out = torch.cat([eps, cond[:, self.channels :]], -1)
             x = scheduler.step(out, t, x, generator=gens if len(gens) > 1 else gens[0]).prev_sample
         return x
 
@@ -241,8 +282,20 @@ class MAR(nn.Module):
         norm = partial(nn.LayerNorm, eps=1e-6)
 
         def blocks(dim: int, depth: int, heads: int) -> nn.ModuleList:
-            return nn.ModuleList([Block(dim, heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm, proj_drop=cfg.dropout,
-                                        attn_drop=cfg.dropout) for _ in range(depth)])
+            return nn.ModuleList(
+                [
+                    Block(
+                        dim,
+                        heads,
+                        cfg.mlp_ratio,
+                        qkv_bias=True,
+                        norm_layer=norm,
+                        proj_drop=cfg.dropout,
+                        attn_drop=cfg.dropout,
+                    )
+                    for _ in range(depth)
+                ]
+            )
 
         # Harmon has no classes: every buffer slot holds this one learned "null class" latent
         self.fake_latent = nn.Parameter(torch.zeros(1, enc))
@@ -264,8 +317,13 @@ class MAR(nn.Module):
 
     def _init_weights(self) -> None:
         # MAR's initialisation: N(0, 0.02) embeddings, xavier-uniform linears (JAX ViT), unit LayerNorms
-        for p in (self.fake_latent, self.mask_token, self.encoder_pos_embed_learned, self.decoder_pos_embed_learned,
-                  self.diffusion_pos_embed_learned):
+        for p in (
+            self.fake_latent,
+            self.mask_token,
+            self.encoder_pos_embed_learned,
+            self.decoder_pos_embed_learned,
+            self.diffusion_pos_embed_learned,
+        ):
             nn.init.normal_(p, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -284,7 +342,10 @@ class MAR(nn.Module):
         nn.init.normal_(net.time_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(net.time_embed.mlp[2].weight, std=0.02)
         # adaLN-zero (DiT): every modulation and the output start at zero
-        for layer in [b.adaLN_modulation[-1] for b in net.res_blocks] + [net.final_layer.adaLN_modulation[-1], net.final_layer.linear]:
+        for layer in [b.adaLN_modulation[-1] for b in net.res_blocks] + [
+            net.final_layer.adaLN_modulation[-1],
+            net.final_layer.linear,
+        ]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -316,7 +377,7 @@ class MAR(nn.Module):
     def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
         """Visible tokens ``(B, L, C)`` (``mask`` 1 = masked, dropped; every row must keep as many) →
         ``(B, buffer + visible, D)``."""
-        b, n, _ = tokens.shape
+        b = tokens.shape[0]
         x = self.z_proj(tokens.to(self.z_proj.weight.dtype))
         x = torch.cat([self.fake_latent.expand(b, self.buffer_size, -1).to(x.dtype), x], 1)
         x = self.z_proj_ln(x + self._pos(self.encoder_pos_embed_learned, grid, True).to(x.dtype))
@@ -333,11 +394,14 @@ class MAR(nn.Module):
         full = self.mask_token.to(x.dtype).expand(b, self.buffer_size + n, -1).clone()
         full[keep] = x.flatten(0, 1)
         full = full + self._pos(self.decoder_pos_embed_learned, grid, True).to(x.dtype)
-        x = self.decoder_norm(self._run(self.decoder_blocks, full))[:, self.buffer_size:]
+        x = self.decoder_norm(self._run(self.decoder_blocks, full))[:, self.buffer_size :]
         return x + self._pos(self.diffusion_pos_embed_learned, grid, False).to(x.dtype)
 
 
 def truncated_mask_ratio(u: torch.Tensor, ratio_min: float) -> torch.Tensor:
     """MAR's mask ratio: normal(1, 0.25) truncated to [ratio_min, 1], by inverse CDF of ``u`` ∈ [0, 1)."""
-    lo, hi = torch.special.ndtr(torch.tensor((ratio_min - 1.0) / 0.25, dtype=torch.float64)), torch.tensor(0.5, dtype=torch.float64)
+    lo, hi = (
+        torch.special.ndtr(torch.tensor((ratio_min - 1.0) / 0.25, dtype=torch.float64)),
+        torch.tensor(0.5, dtype=torch.float64),
+    )
     return 1.0 + 0.25 * torch.special.ndtri(lo + u.double() * (hi - lo))
