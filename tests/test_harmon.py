@@ -484,3 +484,12 @@ def test_eval_generate_score_and_probe_run_on_a_tiny_harmon(toy_data, tmp_path: 
     )
     summary = json.loads(out.read_text())["summary"]
     assert summary["encoding"]["gap"] is not None and summary["response"]["gap"] is not None
+
+
+def test_real_config_parses_into_the_adapter_settings() -> None:
+    from reca.build import adapter_args, import_adapter
+
+    cfg = load_config(ROOT / "configs/harmon_1.5b_lora.yaml")
+    args = adapter_args(cfg, import_adapter(cfg.model.adapter), None)
+    assert args.mar.encoder_depth == 20 and args.mar.diffloss_w == 1536 and args.resolution == 512
+    assert cfg.lora.enabled and cfg.train.batch_size * cfg.train.grad_accum == 192
