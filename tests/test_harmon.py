@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from safetensors.torch import load_file
 
 from reca.adapter import Condition, HasOwnEncoder, Traceable, UMMAdapter
@@ -25,6 +24,8 @@ from reca.build import apply_lora, build, load_checkpoint, trainable_parameters
 from reca.config import ConfigError, load_config
 from reca.models.harmon import HarmonAdapter, HarmonConfig
 from reca.models.mar import MARConfig
+
+from conftest import ROOT
 
 TINY = ROOT / "configs" / "harmon_tiny.yaml"
 DATA = ROOT / "tests" / "data" / "harmon"

@@ -75,13 +75,19 @@ class HarmonConfig:
     pretrained: str = field(
         default="",
         metadata={
-            "help": "a folder written by save_pretrained (llm/, vae/, harmon.safetensors); fills llm, vae and harmon_weights"
+            "help": (
+                "a folder written by save_pretrained (llm/, vae/, harmon.safetensors); fills llm, "
+                "vae and harmon_weights"
+            )
         },
     )
     llm: str = field(
         default="",
         metadata={
-            "help": "Qwen2.5 hub id or local dir (Qwen/Qwen2.5-1.5B-Instruct for Harmon-1.5B): its config and tokenizer; its weights too unless harmon_weights are given"
+            "help": (
+                "Qwen2.5 hub id or local dir (Qwen/Qwen2.5-1.5B-Instruct for Harmon-1.5B): its "
+                "config and tokenizer; its weights too unless harmon_weights are given"
+            )
         },
     )
     llm_config: dict = field(
@@ -93,7 +99,10 @@ class HarmonConfig:
     harmon_weights: str = field(
         default="",
         metadata={
-            "help": "Harmon's public state dict (harmon_1.5b.pth / harmon_0.5b.pth, or .safetensors): llm.*, mar.*, proj_in.*, proj_out.*"
+            "help": (
+                "Harmon's public state dict (harmon_1.5b.pth / harmon_0.5b.pth, or .safetensors): "
+                "llm.*, mar.*, proj_in.*, proj_out.*"
+            )
         },
     )
     vae: str = field(
@@ -102,13 +111,19 @@ class HarmonConfig:
     vae_ckpt: str = field(
         default="",
         metadata={
-            "help": "MAR's LDM-format KL-16 file (kl16.ckpt, {'model': state dict}), converted to diffusers' AutoencoderKL on load"
+            "help": (
+                "MAR's LDM-format KL-16 file (kl16.ckpt, {'model': state dict}), converted to "
+                "diffusers' AutoencoderKL on load"
+            )
         },
     )
     vae_config: dict = field(
         default_factory=dict,
         metadata={
-            "help": "diffusers AutoencoderKL fields (random VAE, or the architecture of vae_ckpt); empty with vae_ckpt = MAR's KL-16"
+            "help": (
+                "diffusers AutoencoderKL fields (random VAE, or the architecture of vae_ckpt); "
+                "empty with vae_ckpt = MAR's KL-16"
+            )
         },
     )
     vae_scale: float = field(default=0.2325, metadata={"help": "latent scale (Harmon configs: vae_scale=0.2325)"})
@@ -116,7 +131,11 @@ class HarmonConfig:
     semantic_dim: int = field(
         default=0,
         metadata={
-            "help": "0 = semantic tokens are VAE latents for Harmon's own understanding path (encoder.kind=umm); >0 = width of an external encoder's tokens, mapped by a new trainable projector (reca.build fills it)"
+            "help": (
+                "0 = semantic tokens are VAE latents for Harmon's own understanding path "
+                "(encoder.kind=umm); >0 = width of an external encoder's tokens, mapped by a new "
+                "trainable projector (reca.build fills it)"
+            )
         },
     )
     resolution: int = field(
@@ -125,13 +144,19 @@ class HarmonConfig:
     grad_scale: float = field(
         default=0.1,
         metadata={
-            "help": "gradient scale on Harmon's own image features, in both RecA and image-to-text (harmon_dev.py grad_scale)"
+            "help": (
+                "gradient scale on Harmon's own image features, in both RecA and image-to-text "
+                "(harmon_dev.py grad_scale)"
+            )
         },
     )
     cond_dropout: float = field(
         default=0.1,
         metadata={
-            "help": "probability that a generation sample's instruction or caption becomes cfg_prompt (Harmon datasets: unconditional=0.1); drawn from the sample's seed"
+            "help": (
+                "probability that a generation sample's instruction or caption becomes cfg_prompt "
+                "(Harmon datasets: unconditional=0.1); drawn from the sample's seed"
+            )
         },
     )
     cfg_prompt: str = field(
@@ -145,13 +170,19 @@ class HarmonConfig:
     recon_prompt: str = field(
         default="\n<image>{instruction}",
         metadata={
-            "help": "user turn of a reconstruction condition (harmon_dev / MidjourneyReconstructionDataset: the image right after 'user\\n\\n')"
+            "help": (
+                "user turn of a reconstruction condition (harmon_dev / "
+                "MidjourneyReconstructionDataset: the image right after 'user\\n\\n')"
+            )
         },
     )
     recon_dropped_prompt: str = field(
         default="<image>{cfg_prompt}",
         metadata={
-            "help": "user turn of a dropped reconstruction condition: the image stays, the instruction becomes cfg_prompt (as the official dataset does)"
+            "help": (
+                "user turn of a dropped reconstruction condition: the image stays, the "
+                "instruction becomes cfg_prompt (as the official dataset does)"
+            )
         },
     )
     template: str = field(
@@ -172,13 +203,21 @@ class HarmonConfig:
     generate_batch_size: int = field(
         default=1,
         metadata={
-            "help": "images sampled together by generate(); 1 makes each image a function of its condition and seed alone; larger is faster on GPU (each image still draws only from its own seed), but padding and batch shape change float rounding, which can move a pixel"
+            "help": (
+                "images sampled together by generate(); 1 makes each image a function of its "
+                "condition and seed alone; larger is faster on GPU (each image still draws only "
+                "from its own seed), but padding and batch shape change float rounding, which can "
+                "move a pixel"
+            )
         },
     )
     train_mar: bool = field(
         default=True,
         metadata={
-            "help": "full fine-tuning also trains the MAR encoder, decoder, diffusion head and proj_in/proj_out (official RecA: everything but the VAE)"
+            "help": (
+                "full fine-tuning also trains the MAR encoder, decoder, diffusion head and "
+                "proj_in/proj_out (official RecA: everything but the VAE)"
+            )
         },
     )
     train_llm: bool = field(default=True, metadata={"help": "full fine-tuning trains the LLM"})
@@ -298,7 +337,8 @@ class HarmonAdapter(nn.Module):
             )
         if cfg.resolution % (m.vae_stride * m.patch_size):
             raise ValueError(
-                f"model.args.resolution: {cfg.resolution} must be a multiple of vae_stride x patch_size = {m.vae_stride * m.patch_size}"
+                f"model.args.resolution: {cfg.resolution} must be a multiple of vae_stride x patch_size = "
+                f"{m.vae_stride * m.patch_size}"
             )
         if not 0 <= cfg.cond_dropout <= 1:
             raise ValueError("model.args.cond_dropout: must be a probability in [0, 1]")
@@ -468,11 +508,13 @@ class HarmonAdapter(nn.Module):
         size = input_size or self.resolution
         if layer != -1:
             raise ConfigError(
-                f"encoder.layer: {layer}; Harmon's understanding features are the MAR encoder's output: set encoder.layer=-1"
+                f"encoder.layer: {layer}; Harmon's understanding features are the MAR encoder's output: "
+                "set encoder.layer=-1"
             )
         if size % (m.vae_stride * m.patch_size):
             raise ConfigError(
-                f"encoder.input_size: {size} must be a multiple of vae_stride x patch_size = {m.vae_stride * m.patch_size}"
+                f"encoder.input_size: {size} must be a multiple of vae_stride x patch_size = "
+                f"{m.vae_stride * m.patch_size}"
             )
 
         def features(x: torch.Tensor) -> torch.Tensor:
@@ -540,7 +582,8 @@ class HarmonAdapter(nn.Module):
             width = self.projector[0].normalized_shape[0]
             if semantic.shape[-1] != width:
                 raise ValueError(
-                    f"semantic tokens have width {semantic.shape[-1]}, the projector takes {width} (model.args.semantic_dim)"
+                    f"semantic tokens have width {semantic.shape[-1]}, the projector takes {width} "
+                    "(model.args.semantic_dim)"
                 )
             return self.projector(semantic.to(self.proj_in[0].weight))
         if semantic.shape[-1] != self.cfg.mar.token_dim:
@@ -567,7 +610,8 @@ class HarmonAdapter(nn.Module):
         parts = text.split(IMAGE)
         if len(parts) != (1 if image is None else 2):
             raise ValueError(
-                f"a prompt has {len(parts) - 1} '{IMAGE}' marks for {0 if image is None else 1} image(s) (a text contains '{IMAGE}'?)"
+                f"a prompt has {len(parts) - 1} '{IMAGE}' marks for {0 if image is None else 1} image(s) "
+                f"(a text contains '{IMAGE}'?)"
             )
         pieces = []
         for j, part in enumerate(parts):
@@ -662,7 +706,8 @@ class HarmonAdapter(nn.Module):
     def generation_loss(self, images: torch.Tensor, cond: Condition, seeds: Sequence[int]) -> torch.Tensor:
         if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
             raise ValueError(
-                f"images are {tuple(images.shape[-2:])}, this Harmon adapter generates {self.resolution}x{self.resolution}"
+                f"images are {tuple(images.shape[-2:])}, this Harmon adapter generates "
+                f"{self.resolution}x{self.resolution}"
             )
         tokens = self.encode_tokens(images)
         return self.mar_loss(tokens, cond, [self.draw(s, tokens.shape[1]) for s in seeds])

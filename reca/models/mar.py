@@ -39,7 +39,10 @@ class MARConfig:
     img_size: int = field(
         default=256,
         metadata={
-            "help": "image size the learned position embeddings were made for (Harmon: 256, i.e. a 16x16 grid; other sizes interpolate them)"
+            "help": (
+                "image size the learned position embeddings were made for (Harmon: 256, i.e. a "
+                "16x16 grid; other sizes interpolate them)"
+            )
         },
     )
     vae_stride: int = field(default=16, metadata={"help": "VAE downsampling factor (KL-16: 16)"})
@@ -58,7 +61,11 @@ class MARConfig:
     dropout: float = field(
         default=0.0,
         metadata={
-            "help": "attention and projection dropout in the MAR blocks; Harmon trains with 0.1, reca defaults to 0 because dropout draws from the global RNG (resume and DDP would no longer be exact)"
+            "help": (
+                "attention and projection dropout in the MAR blocks; Harmon trains with 0.1, reca "
+                "defaults to 0 because dropout draws from the global RNG (resume and DDP would no "
+                "longer be exact)"
+            )
         },
     )
     diffloss_d: int = field(default=12, metadata={"help": "diffusion head residual blocks (Harmon-1.5B 12, -0.5B 6)"})
