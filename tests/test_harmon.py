@@ -204,7 +204,7 @@ def test_public_weight_files_report_missing_and_unexpected_keys_in_one_line(refe
 
 
 def test_converted_folder_loads_back_identically(reference, tmp_path: Path) -> None:
-    """Public files → reca's save_pretrained layout (python -m reca.models.harmon does this) → back."""
+    """Public files → reca's save_pretrained layout (scripts/convert_harmon.py does this) → back."""
     adapter = reference[0]
     adapter.save_pretrained(tmp_path / "conv")
     assert {p.name for p in (tmp_path / "conv").iterdir()} >= {"llm", "vae", "harmon.safetensors", "reca_adapter.json"}
@@ -494,3 +494,13 @@ def test_real_config_parses_into_the_adapter_settings() -> None:
     args = adapter_args(cfg, import_adapter(cfg.model.adapter), None)
     assert args.mar.encoder_depth == 20 and args.mar.diffloss_w == 1536 and args.resolution == 512
     assert cfg.lora.enabled and cfg.train.batch_size * cfg.train.grad_accum == 192
+
+
+def test_convert_script_writes_a_loadable_folder(tmp_path: Path, capsys) -> None:
+    from convert_harmon import main as convert
+
+    assert convert([str(TINY), str(tmp_path / "out"), "model.args.mar.buffer_size=2"]) == 0
+    saved = json.loads((tmp_path / "out/reca_adapter.json").read_text())
+    assert saved["adapter"] == "reca.models.harmon:HarmonAdapter" and saved["args"]["mar"]["buffer_size"] == 2
+    assert convert([str(TINY), str(tmp_path / "bad"), "model.args.harmon_weights=/no/such.pth"]) == 2
+    assert "model.args.harmon_weights: no such file" in capsys.readouterr().err

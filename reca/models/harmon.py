@@ -831,30 +831,3 @@ class HarmonAdapter(nn.Module):
             states = self.llm.model(inputs_embeds=seq[None], output_hidden_states=True).hidden_states
             out.append(([h[0].float().cpu() for h in states], prompt_len))
         return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Convert Harmon's public files (Qwen2.5 dir/id + harmon_*.pth + kl16.ckpt, as a reca config
-    names them) into reca's save_pretrained folder: ``python -m reca.models.harmon CONFIG OUT [k=v ...]``."""
-    import sys
-
-    from reca.build import adapter_args, import_adapter
-    from reca.config import load_config
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) < 2:
-        print("usage: python -m reca.models.harmon CONFIG.yaml OUT_DIR [model.args.key=value ...]")
-        return 2
-    cfg = load_config(argv[0], argv[2:])
-    cls = import_adapter(cfg.model.adapter)
-    try:
-        adapter = cls.from_config(adapter_args(cfg, cls, None))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    adapter.save_pretrained(argv[1])
-    print(f"wrote {argv[1]}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
