@@ -40,6 +40,7 @@ def test_janus_sampler_matches_transformers_generate() -> None:
 
 def test_eval_runner_matches_a_bare_generate_loop() -> None:
     r = bench.compare_runner("smallest", repeats=1, n_prompts=2, n_images=2, batch_size=3, steps=2)
+    assert r["overhead_in_call_min"] <= r["overhead_in_call"] <= r["overhead_in_call_max"]
     assert r["max_pixel_diff"] == 0, r
     assert r["images"] == 4
 
