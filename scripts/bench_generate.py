@@ -17,9 +17,12 @@ A and B produced the same output.
    tokens must be equal;
 3. the evaluation runner (eval/runner.py ``generate``: GenEval layout, PNGs, grids, manifest) vs
    calling the adapter's ``generate`` in a bare loop with the same batches and seeds: overhead,
-   goal ≤ 5 %; the PNGs must equal the loop's images.
+   goal ≤ 5 %; the PNGs must equal the loop's images. The same overhead is also measured inside each
+   runner call (its seconds outside ``generate`` over those inside), which other processes' load
+   disturbs far less than the A/B ratio.
 
-Both UMMs are built randomly from configs/tiny.yaml and configs/janus_tiny.yaml, widened
+The process's CPU seconds are compared too (less sensitive to a shared machine, blind to waiting on
+the disk). Both UMMs are built randomly from configs/tiny.yaml and configs/janus_tiny.yaml, widened
 (``--size bench``) or as they are (``--size smallest``, what tests/test_bench_generate.py runs).
 """
 
