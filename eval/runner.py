@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -92,6 +93,17 @@ def versions() -> dict[str, str | None]:
 def save_png(path: str | Path, image: Image.Image) -> None:
     """``image`` as a PNG at ``path``, atomically (:func:`reca.io.atomic_write`)."""
     atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+def _save_all(paths: Sequence[Path], images: Sequence[Image.Image]) -> None:
+    """One batch's images, in order, stopping at the first failure."""
+    for path, image in zip(paths, images):
+        save_png(path, image)
+
+
+def _write_texts(files: Sequence[tuple[Path, str]]) -> None:
+    for path, text in files:
+        atomic_write_text(path, text)
 
 
 def is_valid_image(path: Path) -> bool:
@@ -215,11 +227,12 @@ def generate(
 
     stats = GenerateStats(prompts=len(prompts))
     jobs: list[tuple[Prompt, int]] = []
+    metadata: list[tuple[Path, str]] = []  # written by the writer thread below, first
     for p in prompts:
         line = json.dumps(p.to_geneval()) + "\n"
         meta = prompt_dir(out, p.index) / "metadata.jsonl"
         if not meta.is_file() or meta.read_text(encoding="utf-8") != line:
-            atomic_write_text(meta, line)
+            metadata.append((meta, line))
         for i in range(n_images):
             if is_valid_image(sample_path(out, p.index, i)):
                 stats.skipped += 1
@@ -227,28 +240,38 @@ def generate(
                 jobs.append((p, i))
 
     touched: set[int] = set()
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start : start + batch_size]
-        cond = Condition(texts=[p.prompt for p, _ in batch])
-        images = adapter.generate(
-            cond,
-            seeds=[image_seed(seed, p.index, i) for p, i in batch],
-            guidance_scale=guidance_scale,
-            num_steps=num_steps,
-        )
-        if len(images) != len(batch) or not all(isinstance(im, Image.Image) for im in images):
-            raise EvalError(
-                f"{adapter_import_path(adapter)}.generate returned {len(images)} objects for "
-                f"{len(batch)} conditions; expected one PIL image each"
+    # One writer thread saves batch k while the model draws batch k+1 (the prompts' metadata
+    # while it draws the first): each atomic write ends in an fsync (reca.io), which costs as much
+    # as drawing a small image on a slow disk. At most one batch waits to be written, its error
+    # surfaces before the next batch is queued, and leaving the block (an exception, Ctrl-C) first
+    # finishes the writes already queued.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: Future | None = writer.submit(_write_texts, metadata) if metadata else None
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            cond = Condition(texts=[p.prompt for p, _ in batch])
+            images = adapter.generate(
+                cond,
+                seeds=[image_seed(seed, p.index, i) for p, i in batch],
+                guidance_scale=guidance_scale,
+                num_steps=num_steps,
             )
-        for (p, i), im in zip(batch, images):
-            path = sample_path(out, p.index, i)
-            save_png(path, im)
-            stats.written += 1
-            stats.paths.append(path)
-            touched.add(p.index)
-        if progress:
-            progress(f"{min(start + batch_size, len(jobs))}/{len(jobs)} images")
+            if len(images) != len(batch) or not all(isinstance(im, Image.Image) for im in images):
+                raise EvalError(
+                    f"{adapter_import_path(adapter)}.generate returned {len(images)} objects for "
+                    f"{len(batch)} conditions; expected one PIL image each"
+                )
+            if pending is not None:
+                pending.result()
+            paths = [sample_path(out, p.index, i) for p, i in batch]
+            pending = writer.submit(_save_all, paths, images)
+            stats.written += len(batch)
+            stats.paths += paths
+            touched.update(p.index for p, _ in batch)
+            if progress:
+                progress(f"{min(start + batch_size, len(jobs))}/{len(jobs)} images")
+        if pending is not None:
+            pending.result()
 
     for p in prompts:
         grid = prompt_dir(out, p.index) / "grid.png"

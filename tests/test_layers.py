@@ -21,7 +21,7 @@ LAYERS: list[list[str]] = [
     ["reca.seeds", "reca.images"],
     ["reca.data", "reca.encoders", "reca.flow"],
     ["reca.adapter"],
-    ["reca.models.common", "reca.models.tokenizer"],
+    ["reca.models.common", "reca.models.tokenizer", "reca.models.mar"],  # mar: pure torch modules under harmon
     ["reca.models.*"],
     ["reca.objectives", "reca.cache"],
     ["reca.build"],
