@@ -150,6 +150,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         run.finish()
     for tag, c in results["categories"].items():
         print(f"{tag}\t{100 * c['accuracy']:.1f}\t[{100 * c['ci95'][0]:.1f}, {100 * c['ci95'][1]:.1f}]")
+    for tag, c in results.get("unverified", {}).items():
+        print(f"{tag}\tunverified ({c['n_images']} images this scorer cannot check; not in overall)")
     o = results["overall"]
     print(f"overall\t{100 * o['accuracy']:.1f}\t[{100 * o['ci95'][0]:.1f}, {100 * o['ci95'][1]:.1f}]")
     return 0
