@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
@@ -97,7 +98,7 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
             acc.log(metrics, step=state.step)
         if state.step % t.save_every == 0 or last:
             exporter = lora_exporter(acc, r.task) if cfg.lora.enabled else None
-            ckpt.save(acc, r.out / "checkpoints", state.step, asdict(cfg), exporter)
+            ckpt.save(acc, r.out / "checkpoints", state.step, asdict(cfg), loop_state(r), exporter)
             if acc.is_main_process:
                 ckpt.prune(r.out / "checkpoints", t.keep_last)
         if acc.is_main_process and ((t.sample_every and state.step % t.sample_every == 0) or last):
@@ -105,6 +106,7 @@ def fit(cfg: Config, resume: str | None = None) -> dict:
             write_samples(r.umm, micro_batches.get("recon"), cfg, path, acc)
         acc.wait_for_everyone()
     bar.close()
+    check_finite_end(r)
     finish(r)
     return metrics
 
@@ -134,6 +136,22 @@ def next_batch(r: Run, name: str, micro: int, timings: dict[str, float]) -> Batc
     return Batch(seeds, raw.get("target"), semantic, raw.get("caption")).to(acc.device)
 
 
+class TrainingFailed(RuntimeError):
+    """The run cannot produce a usable model (train.py prints the one-line message, exit code 1)."""
+
+
+def check_finite_end(r: Run) -> None:
+    """Never export a model from a run that ends non-finite: the last step's loss was NaN/inf (its
+    update skipped, so the weights are those of an earlier step) or a trained weight is."""
+    if r.state.nonfinite_in_a_row:
+        raise TrainingFailed(
+            f"the last {r.state.nonfinite_in_a_row} step(s) had a non-finite loss; no final model exported "
+            "(checkpoints are kept; lower optim.lr or check the data, then --resume latest)"
+        )
+    if bad := [n for n, p in r.task.named_parameters() if p.requires_grad and not torch.isfinite(p).all()][:3]:
+        raise TrainingFailed(f"non-finite trained weights ({', '.join(bad)}); no final model exported")
+
+
 def count_nonfinite(state: ckpt.TrainState, bad: bool, limit: int) -> None:
     if not bad:
         state.nonfinite_in_a_row = 0
@@ -141,7 +159,7 @@ def count_nonfinite(state: ckpt.TrainState, bad: bool, limit: int) -> None:
     state.nonfinite_in_a_row += 1
     log.warning(f"step {state.step}: non-finite loss, update skipped ({state.nonfinite_in_a_row} in a row)")
     if state.nonfinite_in_a_row >= limit:
-        raise RuntimeError(
+        raise TrainingFailed(
             f"{state.nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite={limit}); "
             "lower optim.lr or check the data"
         )
@@ -170,10 +188,16 @@ def make_accelerator(cfg: Config) -> Accelerator:
                 print("wandb: no WANDB_API_KEY — logging offline (upload later with `wandb sync`)")
         except ImportError:
             print("wandb: not installed — log.wandb ignored; losses still go to log.jsonl")
+    on_cpu = t.cpu or not torch.cuda.is_available()
+    # accelerate quietly runs fp32 when the device cannot autocast to the requested precision
+    if t.mixed_precision == "fp16" and on_cpu:
+        raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU (this run is on the CPU); use bf16 or no")
+    if t.mixed_precision == "bf16" and not on_cpu and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.mixed_precision: this GPU has no bfloat16 support; use fp16 or no")
     # cpu=True when CUDA is absent: without it, `accelerate launch --multi_gpu` on a CPU machine
     # starts processes that each believe they are alone (measured with accelerate 1.15).
     return Accelerator(
-        cpu=t.cpu or not torch.cuda.is_available(),
+        cpu=on_cpu,
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.grad_accum,
         log_with=log_with,
@@ -186,6 +210,8 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     """Accelerator, model (frozen parts, LoRA), optimizer and schedule, resume state, data streams."""
     t = cfg.train
     out = Path(t.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir: {out} is a file, not a folder; name another path")
     acc = make_accelerator(cfg)
     resolved = asdict(cfg)
     print(f"rank {acc.process_index}: processes: {acc.num_processes} ({acc.distributed_type.value}) on {acc.device}")
@@ -226,11 +252,15 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     )
     state = ckpt.TrainState()
     task, optimizer = acc.prepare(task, optimizer)
-    acc.register_for_checkpointing(lr_scheduler, state)
+    # TrainState and the schedule are saved as JSON by reca.checkpoint, not registered with
+    # accelerate, which would pickle them (custom_checkpoint_*.pkl, loaded with weights_only=False)
 
     if resume_from := ckpt.resolve_resume(out / "checkpoints", resume):
         acc.load_state(str(resume_from))
+        restore_loop_state(ckpt.read_state(resume_from), state, lr_scheduler)
         print(f"resumed from {resume_from} at step {state.step}")
+        if acc.is_main_process:
+            report_config_changes(resume_from, resolved)
     if acc.is_main_process:
         truncate_log(out / "log.jsonl", state.step)
     streams = open_streams(cfg, adapter.resolution, encoder, state.step, acc.process_index, acc.num_processes)
@@ -239,6 +269,39 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
             cfg.log.project, config=resolved, init_kwargs={"wandb": {"name": cfg.log.run_name or None, "dir": str(out)}}
         )
     return Run(cfg, acc, task, encoder, cache, optimizer, lr_scheduler, params, state, streams, out)
+
+
+def loop_state(r: Run) -> dict:
+    """What the loop needs besides model, optimizer and RNG: JSON only (see reca.checkpoint)."""
+    return {**r.state.state_dict(), "lr_scheduler": r.lr_scheduler.state_dict()}
+
+
+def restore_loop_state(saved: dict, state: ckpt.TrainState, lr_scheduler) -> None:
+    state.load_state_dict(saved)
+    lr_scheduler.load_state_dict(saved["lr_scheduler"])
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old → new`` for every leaf that differs between two resolved configs."""
+    lines = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"  {prefix}{key}: {a!r} -> {b!r}")
+    return lines
+
+
+def report_config_changes(checkpoint: Path, resolved: dict) -> None:
+    """Resuming with other settings is allowed (a longer run, a new output dir) but never silent:
+    a changed train.max_steps, for one, re-plans the LR schedule from this step on."""
+    path = checkpoint / "config.yaml"
+    if not path.is_file():
+        return
+    saved = yaml.safe_load(path.read_text()) or {}
+    if lines := config_changes(saved, json.loads(json.dumps(resolved))):
+        log.warning(f"resuming with settings that differ from {path}:\n" + "\n".join(lines))
 
 
 def enable_options(adapter, cfg: Config) -> None:
@@ -277,6 +340,7 @@ def open_streams(
             num_workers=t.num_workers,
             image_column=src.image_column,
             min_side=src.min_side,
+            key=f"objectives.{name}.data",
         )
     return streams
 
@@ -304,7 +368,14 @@ def lora_exporter(accelerator: Accelerator, task):
 def truncate_log(path: Path, step: int) -> None:
     """On resume, forget log lines written after the checkpoint (they will be written again)."""
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = []
+        for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or not ours
+                if line.strip():
+                    log.warning(f"{path}: dropping an unreadable line ({line[:40]!r}...)")
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
