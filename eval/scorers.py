@@ -265,7 +265,15 @@ class ClipScorer:
         a tag (e.g. ``"openai"`` for GenEval's ViT-L-14) or a local file; None = random (tests)."""
         import open_clip
 
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, **overrides)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained or None, **overrides
+            )
+        except (OSError, RuntimeError, ValueError) as e:  # offline hub, unknown tag, a bad file
+            raise EvalError(
+                f"--clip-pretrained {pretrained}: cannot load {name} weights ({str(e).splitlines()[0][:200]}); "
+                "download them once and pass the local file, e.g. --clip-pretrained /path/open_clip_model.safetensors"
+            ) from None
         tokenizer = open_clip.get_tokenizer(name)
         return cls(
             model, preprocess, tokenizer, object_names=object_names, mask_background=mask_background, device=device
