@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import functools
 import importlib.resources
 import json
@@ -21,7 +20,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,13 +39,12 @@ from demo.seeds import (
 )
 from demo.world import CANONICAL, biased_caption, dense_caption, is_canonical, pairs, render
 from eval.stats import t_interval, wilson_interval
-from reca.config import Config, load_config, validate
+from reca.config import Config, derive, load_config, validate
 from reca.io import atomic_dir, atomic_write_json, atomic_write_text
 from reca.models.tokenizer import save_word_tokenizer
 
 INSTRUCTION = "Reconstruct this image."
 I2T_PROMPT = "Describe the image."  # demo/config.yaml objectives.i2t_prompt
-T = TypeVar("T")
 
 
 @dataclass
@@ -155,20 +153,6 @@ def world_vocabulary() -> list[str]:
     from reca.instructions import INSTRUCTIONS
 
     return [dense_caption(sh, c) for sh, c in pairs("all")] + list(INSTRUCTIONS) + [INSTRUCTION, I2T_PROMPT]
-
-
-def derive(obj: T, **changes: Any) -> T:
-    """A copy of the dataclass ``obj`` with fields replaced; a dict given for a field that is itself
-    a dataclass replaces fields inside it, recursively:
-    ``derive(cfg, train={"max_steps": 5}, objectives={"t2i": {"share": 0.5}})``. A dict given for a
-    plain dict field (``model.args``) replaces that dict."""
-    fields = {}
-    for name, value in changes.items():
-        current = getattr(obj, name)
-        if isinstance(value, dict) and dataclasses.is_dataclass(current):
-            value = derive(current, **value)
-        fields[name] = value
-    return dataclasses.replace(obj, **fields)
 
 
 def with_shares(cfg: Config, shares: dict[str, float]) -> Config:

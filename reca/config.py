@@ -16,9 +16,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -337,6 +339,20 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def derive(obj: T, **changes: Any) -> T:
+    """A copy of the dataclass ``obj`` with fields replaced; a dict given for a field that is itself
+    a dataclass replaces fields inside it, recursively:
+    ``derive(cfg, train={"max_steps": 5}, objectives={"t2i": {"share": 0.5}})``. A dict given for a
+    plain dict field (``model.args``) replaces that dict."""
+    fields = {}
+    for name, value in changes.items():
+        current = getattr(obj, name)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            value = derive(current, **value)
+        fields[name] = value
+    return dataclasses.replace(obj, **fields)
+
+
 def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
@@ -491,8 +507,11 @@ def active_objectives(o: ObjectivesConfig) -> dict[str, ObjectiveConfig]:
 
 
 def split_batch(batch_size: int, shares: dict[str, float]) -> dict[str, int]:
-    """Per-step samples per objective: largest-remainder rounding of ``batch_size × share/Σshare``
-    (the official RecA Harmon config mixes recon : I2T : T2I = 2 : 2 : 0 inside each batch)."""
+    """Per-step samples per objective: largest-remainder rounding of ``batch_size × share/Σshare``.
+
+    The official RecA Harmon config (``Harmon/configs/examples/reca.py``) reaches its 2 : 2 : 0
+    recon : I2T : T2I mixture differently: single-source micro-batches repeated [2, 2, 0] times and
+    accumulated into one update. Splitting every batch gives each update the same mixture."""
     total = sum(shares.values())
     exact = {k: batch_size * s / total for k, s in shares.items()}
     sizes = {k: int(v) for k, v in exact.items()}

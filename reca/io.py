@@ -16,6 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+UMASK = os.umask(0o022)  # read once at import (reading it means setting it; threads write files later)
+os.umask(UMASK)
+
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Call ``write(file)`` on a temporary file next to ``path``, fsync it, rename it over ``path``."""
@@ -23,6 +26,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; a written file gets the usual mode
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()

@@ -17,7 +17,7 @@ import torch
 
 from demo import encoder as demo_encoder
 from demo import run as demo
-from reca.config import validate
+from reca.config import derive, validate
 from reca.models.tokenizer import save_word_tokenizer
 from reca.trainer import fit
 
@@ -48,8 +48,8 @@ def main() -> None:
             shutil.rmtree(run, ignore_errors=True)
             cfg = demo.base_config(a.out)
             if tok == "byte":  # no tokenizer configured: the byte-level fallback for random LMs
-                cfg = demo.derive(cfg, model={"args": {k: v for k, v in cfg.model.args.items() if k != "tokenizer"}})
-            cfg = demo.derive(
+                cfg = derive(cfg, model={"args": {k: v for k, v in cfg.model.args.items() if k != "tokenizer"}})
+            cfg = derive(
                 cfg,
                 optim={"warmup_steps": 1},
                 train={

@@ -112,3 +112,13 @@ def test_accelerate_configs_parse(path: Path) -> None:
         assert kind == "FSDP" and int(cluster.fsdp_config["fsdp_version"]) == 2
     else:
         assert kind == "MULTI_GPU"
+
+
+def test_derive_replaces_nested_fields_and_leaves_the_original() -> None:
+    from reca.config import derive
+
+    base = load_config(ROOT / "configs" / "tiny.yaml")
+    new = derive(base, train={"max_steps": 5}, objectives={"t2i": {"share": 0.5}}, model={"args": {"x": 1}})
+    assert (new.train.max_steps, new.objectives.t2i.share, new.model.args) == (5, 0.5, {"x": 1})
+    assert new.train.batch_size == base.train.batch_size and new.objectives.recon == base.objectives.recon
+    assert base.train.max_steps != 5 and base.model.args != {"x": 1}

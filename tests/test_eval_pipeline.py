@@ -492,3 +492,9 @@ def test_cli_generate_builds_through_reca(monkeypatch, tmp_path, capsys):
     assert m["model"]["overrides"] == ["train.seed=3"] == seen["overrides"]
     assert m["prompts_source"]["files"] == {str(prompts): hashlib.sha256(prompts.read_bytes()).hexdigest()}
     assert main(["generate", "--prompts", str(prompts), "--out", str(out)]) == 2  # no config, no checkpoint
+
+
+def test_atomic_write_gives_files_the_usual_permissions(tmp_path):
+
+    reca.io.atomic_write_text(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~reca.io.UMASK
