@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reca-eval: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # reca.config.ConfigError is a ValueError with a one-line message
-        if type(e).__name__ == "ConfigError":
+        if any(c.__name__ == "ConfigError" for c in type(e).__mro__):  # and its subclasses (reca.data)
             print(f"reca-eval: error: {e}", file=sys.stderr)
             return 2
         raise
