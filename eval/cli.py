@@ -151,6 +151,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         run.finish()
     for tag, c in results["categories"].items():
         print(f"{tag}\t{100 * c['accuracy']:.1f}\t[{100 * c['ci95'][0]:.1f}, {100 * c['ci95'][1]:.1f}]")
+    for tag, c in results.get("unverified", {}).items():
+        print(f"{tag}\tunverified ({c['n_images']} images this scorer cannot check; not in overall)")
     o = results["overall"]
     print(f"overall\t{100 * o['accuracy']:.1f}\t[{100 * o['ci95'][0]:.1f}, {100 * o['ci95'][1]:.1f}]")
     return 0
@@ -283,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reca-eval: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # reca.config.ConfigError is a ValueError with a one-line message
-        if type(e).__name__ == "ConfigError":
+        if any(c.__name__ == "ConfigError" for c in type(e).__mro__):  # and its subclasses (reca.data)
             print(f"reca-eval: error: {e}", file=sys.stderr)
             return 2
         raise

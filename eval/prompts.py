@@ -80,11 +80,16 @@ class Prompt:
         prompt = line.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise EvalError(f"{where}: field 'prompt' must be a non-empty string")
-        tag = line.get("tag", "")
-        if not isinstance(tag, str):
-            raise EvalError(f"{where}: field 'tag' must be a string")
-        include = _items(line.get("include", []), "include", where)
+        tag = line.get("tag")
+        if not isinstance(tag, str) or not tag.strip():
+            raise EvalError(f"{where}: field 'tag' must be a non-empty string (the category the prompt is reported in)")
+        if "include" not in line:
+            raise EvalError(f"{where}: field 'include' is missing; list the objects the image must show")
+        include = _items(line["include"], "include", where)
+        if not include:
+            raise EvalError(f"{where}: field 'include' is empty; a prompt with nothing to check cannot be scored")
         exclude = _items(line.get("exclude", []), "exclude", where)
+        _check_positions(include, where)
         extra = {k: v for k, v in line.items() if k not in _GENEVAL_KEYS}
         return cls(index=index, prompt=prompt, tag=tag, include=include, exclude=exclude, extra=extra)
 
@@ -95,21 +100,55 @@ def _items(value: Any, name: str, where: str) -> list[dict]:
     for i, item in enumerate(value):
         if not isinstance(item, dict) or not isinstance(item.get("class"), str):
             raise EvalError(f"{where}: {name}[{i}] must be an object with a string 'class'")
-        if not isinstance(item.get("count", 1), int):
-            raise EvalError(f"{where}: {name}[{i}].count must be an integer")
+        count = item.get("count", 1)
+        # bool is an int in Python; GenEval's include counts are >= 1 (an exclude's count is its threshold)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise EvalError(f"{where}: {name}[{i}].count must be a positive integer, got {count!r}")
         color = item.get("color")
         if color is not None and color not in COLORS:
             raise EvalError(f"{where}: {name}[{i}].color '{color}' is not one of GenEval's colours {list(COLORS)}")
     return [dict(item) for item in value]
 
 
+def _check_positions(include: list[dict], where: str) -> None:
+    """GenEval's ``position: [relation, j]`` refers to include item ``j`` (another object)."""
+    for i, item in enumerate(include):
+        if "position" not in item:
+            continue
+        pos = item["position"]
+        ok = isinstance(pos, list) and len(pos) == 2 and isinstance(pos[0], str)
+        j = pos[1] if ok else None
+        if not ok or isinstance(j, bool) or not isinstance(j, int):
+            raise EvalError(f"{where}: include[{i}].position must be [relation, index], got {pos!r}")
+        if not 0 <= j < len(include) or j == i:
+            raise EvalError(
+                f"{where}: include[{i}].position refers to include[{j}], which is not another item "
+                f"(valid: 0..{len(include) - 1} except {i})"
+            )
+
+
 # --------------------------------------------------------------------------- loaders
+
+
+def read_lines(path: Path) -> list[str]:
+    """The file's lines as UTF-8, split on ``\\n`` only (``str.splitlines`` would also split on
+    U+2028 and other separators that are valid inside a JSON string); a trailing ``\\r`` is dropped."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise EvalError(f"{path}: cannot read ({e.strerror})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
 
 def read_jsonl(path: Path) -> list[tuple[int, Any]]:
     """(line number, parsed object) for every non-blank line; a malformed line fails naming file:line."""
     rows = []
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, raw in enumerate(read_lines(path), start=1):
         if not raw.strip():
             continue
         try:
@@ -147,7 +186,7 @@ def load_t2i_compbench(path_or_dir: str | Path, categories: Sequence[str] = T2I_
         raise EvalError(f"{path}: no such T2I-CompBench file or directory")
     prompts: list[Prompt] = []
     for category, file in files:
-        for lineno, raw in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        for lineno, raw in enumerate(read_lines(file), start=1):
             text = raw.strip()
             if not text:
                 continue
@@ -207,7 +246,7 @@ def prompts_digest(prompts: Iterable[Prompt]) -> str:
 
 def load_object_names(path: str | Path = OBJECT_NAMES_PATH) -> list[str]:
     """GenEval's 80 COCO class names (copied from GenEval, MIT; see data/geneval/LICENSE)."""
-    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in read_lines(Path(path)) if line.strip()]
     if not names:
         raise EvalError(f"{path}: no object names")
     return names

@@ -191,9 +191,21 @@ def article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
+#: include-item keys the scorers here understand; any other key (GenEval++'s ``region``, ``size``,
+#: ``attributes``, GenEval's ``position``) is a constraint none of them checks.
+CHECKED_ITEM_KEYS = frozenset({"class", "count", "color", "attribute"})
+
+
 def unverifiable(prompt: Prompt) -> bool:
-    """Does the prompt ask for count > 1, relative position or absence (beyond our scorers)?"""
-    return bool(prompt.exclude) or any(item.get("count", 1) != 1 or "position" in item for item in prompt.include)
+    """Does the prompt ask for something no scorer here checks: a count > 1, a relative position,
+    an exclusion, or an include field beyond class/count/color/attribute? Such an image is reported
+    ``unverified`` and left out of every accuracy (it would count as wrong, or right, unchecked)."""
+    return bool(prompt.exclude) or any(
+        item.get("count", 1) != 1
+        or set(item) - CHECKED_ITEM_KEYS
+        or (item.get("color") is not None and item.get("attribute") not in (None, item["color"]))  # one is checked
+        for item in prompt.include
+    )
 
 
 def attribute_vocab(attribute: str) -> tuple[str, ...] | None:
@@ -253,7 +265,15 @@ class ClipScorer:
         a tag (e.g. ``"openai"`` for GenEval's ViT-L-14) or a local file; None = random (tests)."""
         import open_clip
 
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, **overrides)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained or None, **overrides
+            )
+        except (OSError, RuntimeError, ValueError) as e:  # offline hub, unknown tag, a bad file
+            raise EvalError(
+                f"--clip-pretrained {pretrained}: cannot load {name} weights ({str(e).splitlines()[0][:200]}); "
+                "download them once and pass the local file, e.g. --clip-pretrained /path/open_clip_model.safetensors"
+            ) from None
         tokenizer = open_clip.get_tokenizer(name)
         return cls(
             model, preprocess, tokenizer, object_names=object_names, mask_background=mask_background, device=device
@@ -296,12 +316,9 @@ class ClipScorer:
             out["foreground_fraction"] = float(mask.mean())
             if mask.any():
                 attr_emb = self._embed_image(paste_on_gray(image, mask))
-        unverified = unverifiable(prompt)
-        correct = True
-        if not prompt.include:
-            raise EvalError(
-                f"prompt {prompt.index} ('{prompt.prompt}'): no include items; ClipScorer needs GenEval-style objects"
-            )
+        # a free-form prompt (no include items) names no object to check
+        unverified = unverifiable(prompt) or not prompt.include
+        correct = bool(prompt.include)
         for i, item in enumerate(prompt.include):
             obj = item["class"]
             candidates = [obj] + [n for n in self.object_names if n != obj]
@@ -461,8 +478,11 @@ class PaletteScorer:
             correct = out["color"] == colours[0]
         else:
             correct = all(votes.get(c, 0.0) >= self.min_share for c in colours)
-        out["unverified"] = unverifiable(prompt) or any(attribute_of(i) and not i.get("color") for i in prompt.include)
-        out["correct"] = bool(correct) and bool(colours or not prompt.include)
+        # colour is all it sees: shape/texture attributes, or a prompt with no colour, are not checked
+        out["unverified"] = (
+            unverifiable(prompt) or not colours or any(attribute_of(i) and not i.get("color") for i in prompt.include)
+        )
+        out["correct"] = bool(correct) and bool(colours)
         return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,6 +72,9 @@ class DataSource:
     streaming: bool = _f(False, "stream instead of indexing (datasets IterableDataset), for sets too large to index")
     min_side: int = _f(16, "images whose shorter side is below this are skipped as tiny")
     max_samples: int = _f(0, "use only the first N rows (quick runs); 0 = all")
+    allow_outside_root: bool = _f(
+        False, "accept manifest image paths outside the manifest's folder (absolute, or with ../)"
+    )
 
 
 @dataclass
@@ -272,6 +276,40 @@ class Config:
 # --------------------------------------------------------------------------- parsing
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load keeps the last of two equal keys silently; a config must say each thing once."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"{self.name}:{key_node.start_mark.line + 1}: key '{key}' appears twice in one mapping "
+                    f"(first on line {seen[key] + 1}); keep one"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file, refusing duplicate keys; a non-UTF-8 file or invalid YAML is one line naming it."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    finally:
+        loader.dispose()
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -400,12 +438,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"--config {path}: no such file")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, overrides or [])
@@ -414,8 +447,52 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+def check_finite(obj: Any, prefix: str = "") -> None:
+    """Every float (and float in a list) of the config is finite: NaN passes every ``x > 0``-style
+    range check unnoticed (all comparisons with NaN are false)."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_finite(value, key + ".")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key}: must be a finite number, got {v}")
+
+
+def check_ranges(cfg: Config) -> None:
+    """Numbers outside the range where they mean anything, named by key."""
+    t, o, lora = cfg.train, cfg.objectives, cfg.lora
+    checks: list[tuple[bool, str]] = [
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay: must be >= 0"),
+        (cfg.optim.max_grad_norm >= 0, "optim.max_grad_norm: must be >= 0 (0 = no clipping)"),
+        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps: must be >= 0"),
+        (t.guidance_scale >= 0, "train.guidance_scale: must be >= 0"),
+        (t.log_every > 0, "train.log_every: must be > 0"),
+        (t.sample_every >= 0, "train.sample_every: must be >= 0 (0 = only at the end)"),
+        (t.sample_steps > 0, "train.sample_steps: must be > 0"),
+        (t.num_workers >= 0, "train.num_workers: must be >= 0 (0 = load in the main process)"),
+        (t.max_nonfinite > 0, "train.max_nonfinite: must be > 0"),
+        (bool(t.output_dir.strip()), "train.output_dir: must not be empty (name the folder for checkpoints and logs)"),
+        (cfg.encoder.input_size >= 0, "encoder.input_size: must be >= 0 (0 = the encoder's native size)"),
+        (0 <= lora.dropout < 1, f"lora.dropout: {lora.dropout} must be in [0, 1)"),
+        (not (lora.enabled and lora.alpha <= 0), "lora.alpha: must be > 0 when lora.enabled is true"),
+    ]
+    for name in OBJECTIVES:
+        obj = getattr(o, name)
+        checks.append((obj.weight >= 0, f"objectives.{name}.weight: must be >= 0"))
+        checks.append((obj.data.min_side >= 0, f"objectives.{name}.data.min_side: must be >= 0"))
+    resolution = cfg.model.args.get("resolution")
+    if isinstance(resolution, int) and not isinstance(resolution, bool):
+        checks.append((resolution > 0, f"model.args.resolution: {resolution} must be > 0"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
 def validate(cfg: Config) -> None:
     """Contradictions and out-of-range values that a type check cannot see."""
+    check_finite(cfg)
+    check_ranges(cfg)
     t, o = cfg.train, cfg.objectives
     checks: list[tuple[bool, str]] = [
         (t.max_steps > 0, "train.max_steps: must be > 0"),

@@ -12,6 +12,7 @@ world size): loader workers and resumption change how it is computed, never what
 
 from __future__ import annotations
 
+import codecs
 import io
 import itertools
 import logging
@@ -23,9 +24,9 @@ import datasets
 import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from reca.config import DataSource
+from reca.config import ConfigError, DataSource
 
 log = logging.getLogger("reca.data")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -33,6 +34,13 @@ SHUFFLE_BUFFER = 1000  # streaming shuffle window: datasets' default, enough to 
 STREAM_SKIP_LIMIT = 100_000  # unusable rows in a row before a stream of unknown size is called empty
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 GRAY_MODES = {"1", "L", "LA", "La", "I", "F"}  # plus every "I;16…" variant
+# Pillow's own default decompression-bomb limit, applied per image here (Image.MAX_IMAGE_PIXELS is
+# process-wide and only warns between 1× and 2× of it): a larger image is skipped as too_large.
+MAX_PIXELS = 89_478_485
+
+
+class NoUsableData(ConfigError):
+    """A data source with nothing to train on (empty, or every image unusable)."""
 
 
 # ----------------------------------------------------------------------------------- opening
@@ -51,18 +59,37 @@ def open_source(
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if src.split not in ds:
-                raise ValueError(f"{key}.split: no split '{src.split}' in {path} (splits: {', '.join(ds)})")
+                raise ConfigError(f"{key}.split: no split '{src.split}' in {path} (splits: {', '.join(ds)})")
             ds = ds[src.split]
         ds = ds.to_iterable_dataset() if src.streaming else ds
     elif path.suffix in (".jsonl", ".csv"):
         if not path.is_file():
             raise FileNotFoundError(f"{key}.path: no such manifest {path}")
-        ds = datasets.load_dataset(
-            "json" if path.suffix == ".jsonl" else "csv", data_files=str(path), split="train", streaming=src.streaming
-        )
+        _require_utf8(path, key)
+        if not _has_content(path):
+            raise NoUsableData(f"{key}.path: {path} holds no examples (the manifest is empty)")
+        try:
+            ds = datasets.load_dataset(
+                "json" if path.suffix == ".jsonl" else "csv",
+                data_files=str(path),
+                split="train",
+                streaming=src.streaming,
+            )
+        except datasets.exceptions.DatasetGenerationError as e:
+            cause = e.__cause__ or e
+            raise ConfigError(f"{key}.path: cannot read manifest {path} ({str(cause).splitlines()[0]})") from None
         _require_columns(ds, src, key, need_captions)
+        root = str(path.parent.resolve())
+        if not src.allow_outside_root and not src.streaming:
+            outside = sum(_outside(v, root) for v in ds[src.image_column])
+            if outside:
+                raise ConfigError(
+                    f"{key}.allow_outside_root: {outside} image path(s) in {path} are absolute or leave its folder "
+                    f"(../); move the images under {path.parent} or set {key}.allow_outside_root=true"
+                )
         # relative image paths are relative to the manifest, not to wherever training was launched
-        ds = ds.map(_resolve, fn_kwargs={"column": src.image_column, "root": str(path.parent.resolve())})
+        fn_kwargs = {"column": src.image_column, "root": root, "allow_outside": src.allow_outside_root, "key": key}
+        ds = ds.map(_resolve, fn_kwargs=fn_kwargs)
     elif path.is_dir() and (files := sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)):
         # A plain listing rather than the imagefolder builder: nothing is opened, so a broken file
         # is met (and counted) only when its batch is assembled.
@@ -77,7 +104,37 @@ def open_source(
                 f"loadable offline ({str(e).splitlines()[0]})"
             ) from None
     _require_columns(ds, src, key, need_captions)
+    if not isinstance(ds, datasets.IterableDataset) and len(ds) == 0:
+        raise NoUsableData(f"{key}.path: {src.path} holds no examples")
     return _undecoded(ds, src.image_column)
+
+
+def _has_content(path: Path) -> bool:
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):
+            if block.strip():
+                return True
+    return False
+
+
+def _require_utf8(path: Path, key: str) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{key}.path: {path} is not UTF-8 text (byte {offset + e.start})") from None
+            offset += len(block)
+
+
+def _outside(value: Any, root: str) -> bool:
+    """Does a manifest's image path leave the manifest's folder (absolute, or through ``..``)?"""
+    if not isinstance(value, str) or not value:
+        return False
+    p = Path(value)
+    return p.is_absolute() or not (Path(root) / p).resolve().is_relative_to(root)
 
 
 def _columns(ds: datasets.Dataset | datasets.IterableDataset) -> list[str]:
@@ -90,18 +147,23 @@ def _columns(ds: datasets.Dataset | datasets.IterableDataset) -> list[str]:
 def _require_columns(ds, src: DataSource, key: str, need_captions: bool) -> None:
     columns = _columns(ds)
     if src.image_column not in columns:
-        raise ValueError(
+        raise ConfigError(
             f"{key}.image_column: '{src.image_column}' is not a column of {src.path} (columns: {', '.join(columns)})"
         )
     if need_captions and (not src.caption_column or src.caption_column not in columns):
-        raise ValueError(
+        raise ConfigError(
             f"{key}.caption_column: this objective needs captions but '{src.caption_column}' is not a column "
             f"of {src.path} (columns: {', '.join(columns)})"
         )
 
 
-def _resolve(row: dict, column: str, root: str) -> dict:
+def _resolve(row: dict, column: str, root: str, allow_outside: bool = True, key: str = "data") -> dict:
     value = row[column]
+    if not allow_outside and _outside(value, root):  # streamed manifests are checked row by row
+        raise ConfigError(
+            f"{key}.allow_outside_root: image path {value!r} is absolute or leaves the manifest's folder; "
+            f"set {key}.allow_outside_root=true to allow it"
+        )
     return {
         column: str(Path(root) / value) if isinstance(value, str) and value and not Path(value).is_absolute() else value
     }
@@ -121,8 +183,8 @@ def _undecoded(ds, column: str):
 def load_image(value: Any, min_side: int = 16) -> tuple[Image.Image | None, str | None]:
     """An RGB image and ``None`` or ``"converted:<kind>[,<kind>…]"``, or ``(None, reason)`` with reason
     one of ``missing``, ``undecodable``, ``tiny``. Never raises for a bad image."""
-    # Pillow's global switch: with it on, a truncated file decodes with a grey bottom instead of failing
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    # Pillow's global ImageFile.LOAD_TRUNCATED_IMAGES, when a user turns it on, decodes a truncated
+    # file with a grey bottom; reca never changes it for the process, it checks the decode instead
     try:
         if isinstance(value, Image.Image):
             return _finish(value, min_side)
@@ -131,11 +193,15 @@ def load_image(value: Any, min_side: int = 16) -> tuple[Image.Image | None, str 
         if not value:
             return None, "missing"
         with Image.open(value) as image:
+            if image.size[0] * image.size[1] > MAX_PIXELS:  # known from the header, before decoding
+                return None, "too_large"
             image.load()  # the full decode: header-only checks miss truncation
             return _finish(image, min_side)
     except FileNotFoundError:
         return None, "missing"
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        return None, "too_large"
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError):
         return None, "undecodable"
 
 
@@ -244,7 +310,9 @@ def _row(ds, item: Any) -> dict:
     return item if isinstance(item, dict) else ds[item]
 
 
-def _start_position(ds, usable: int, seed: int, rank: int, world: int, decode: Callable[[dict], bool]) -> int:
+def _start_position(
+    ds, usable: int, seed: int, rank: int, world: int, decode: Callable[[dict], bool], key: str = "data"
+) -> int:
     """The position just after this rank's ``usable``-th usable image: where a resumed stream starts.
 
     Exact rather than fast: which images are usable is known only by decoding them, so resuming
@@ -261,7 +329,7 @@ def _start_position(ds, usable: int, seed: int, rank: int, world: int, decode: C
             if usable == 0:
                 return position
             if run >= STREAM_SKIP_LIMIT:
-                raise RuntimeError(f"no usable image in {run} consecutive examples")
+                raise NoUsableData(f"{key}.path: no usable image in {run} consecutive examples")
     n = len(ds)
     valid = np.full(n, -1, np.int8)  # -1 unknown, 0 unusable, 1 usable
     position, run = 0, 0
@@ -279,8 +347,9 @@ def _start_position(ds, usable: int, seed: int, rank: int, world: int, decode: C
                 if usable == 0:
                     return position
         if run >= n:
-            raise RuntimeError(
-                f"no usable image in {n} consecutive examples: every image is missing, undecodable, tiny or uncaptioned"
+            raise NoUsableData(
+                f"{key}.path: no usable image in {n} consecutive examples: every image is missing, undecodable, "
+                "tiny, too large or uncaptioned"
             )
     raise AssertionError("unreachable: epochs are endless")
 
@@ -342,6 +411,7 @@ def batches(
     num_workers: int = 0,
     image_column: str = "image",
     min_side: int = 16,
+    key: str = "data",
 ) -> Iterator[dict]:
     """Endless batches of exactly ``batch_size`` usable images: ``transform``'s tensors stacked,
     ``caption`` (when ``caption_column``), and the ``skipped`` / ``converted`` counts met while
@@ -355,7 +425,7 @@ def batches(
     def usable(row: dict) -> bool:
         return _decode(row, image_column, caption_column, min_side)[0] is not None
 
-    start = _start_position(ds, start_batch * batch_size, seed, rank, world_size, usable)
+    start = _start_position(ds, start_batch * batch_size, seed, rank, world_size, usable, key)
     samples = _Samples(ds, transform, caption_column, image_column, min_side, seed, rank, world_size, start, batch_size)
     # batch_size=None: chunks pass through as made; collate would only repack them
     loader = torch.utils.data.DataLoader(samples, batch_size=None, num_workers=num_workers, collate_fn=_identity)
@@ -377,8 +447,9 @@ def batches(
                     log.warning("skipping %s image %s (further %s images are counted, not logged)", note, where, note)
                 run += 1
                 if run >= limit:
-                    raise RuntimeError(
-                        f"no usable image in {run} consecutive examples (skipped so far in this batch: {skipped})"
+                    raise NoUsableData(
+                        f"{key}.path: no usable image in {run} consecutive examples (skipped so far in this batch: "
+                        f"{skipped})"
                     )
                 continue
             run = 0

@@ -13,13 +13,15 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from reca import checkpoint as ckpt
@@ -37,6 +39,7 @@ from reca.samples import write_samples
 from reca.seeds import data_seed, sample_seed
 
 log = logging.getLogger("reca")
+EMA_FILE = "ema.safetensors"  # a checkpoint's EMA weights, in the order of the trained parameters
 
 
 @dataclass
@@ -108,7 +111,7 @@ def fit(cfg: Config, resume: str | None = None, evaluator: Evaluator | None = No
             write_log(r, metrics)
         if (state.step % t.save_every == 0 or last) and not r.stopped:
             exporter = lora_exporter(acc, r.task, lora_init_dir(cfg)) if cfg.lora.enabled else None
-            ckpt.save(acc, r.out / "checkpoints", state.step, asdict(cfg), exporter)
+            ckpt.save(acc, r.out / "checkpoints", state.step, asdict(cfg), loop_state(r), extra_files(r, exporter))
             if acc.is_main_process:
                 ckpt.prune(r.out / "checkpoints", t.keep_last, protect=r.watch.good_step)
         if acc.is_main_process and ((t.sample_every and state.step % t.sample_every == 0) or last):
@@ -118,6 +121,7 @@ def fit(cfg: Config, resume: str | None = None, evaluator: Evaluator | None = No
         if r.stopped:
             break
     bar.close()
+    check_finite_end(r)
     finish(r)
     return metrics
 
@@ -203,6 +207,22 @@ def write_log(r: Run, metrics: dict) -> None:
         r.accelerator.log(metrics, step=metrics["step"])
 
 
+class TrainingFailed(RuntimeError):
+    """The run cannot produce a usable model (train.py prints the one-line message, exit code 1)."""
+
+
+def check_finite_end(r: Run) -> None:
+    """Never export a model from a run that ends non-finite: the last step's loss was NaN/inf (its
+    update skipped, so the weights are those of an earlier step) or a trained weight is."""
+    if r.state.nonfinite_in_a_row:
+        raise TrainingFailed(
+            f"the last {r.state.nonfinite_in_a_row} step(s) had a non-finite loss; no final model exported "
+            "(checkpoints are kept; lower optim.lr or check the data, then --resume latest)"
+        )
+    if bad := [n for n, p in r.task.named_parameters() if p.requires_grad and not torch.isfinite(p).all()][:3]:
+        raise TrainingFailed(f"non-finite trained weights ({', '.join(bad)}); no final model exported")
+
+
 def count_nonfinite(state: ckpt.TrainState, bad: bool, limit: int) -> None:
     if not bad:
         state.nonfinite_in_a_row = 0
@@ -210,7 +230,7 @@ def count_nonfinite(state: ckpt.TrainState, bad: bool, limit: int) -> None:
     state.nonfinite_in_a_row += 1
     log.warning(f"step {state.step}: non-finite loss, update skipped ({state.nonfinite_in_a_row} in a row)")
     if state.nonfinite_in_a_row >= limit:
-        raise RuntimeError(
+        raise TrainingFailed(
             f"{state.nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite={limit}); "
             "lower optim.lr or check the data"
         )
@@ -239,10 +259,16 @@ def make_accelerator(cfg: Config) -> Accelerator:
                 print("wandb: no WANDB_API_KEY — logging offline (upload later with `wandb sync`)")
         except ImportError:
             print("wandb: not installed — log.wandb ignored; losses still go to log.jsonl")
+    on_cpu = t.cpu or not torch.cuda.is_available()
+    # accelerate quietly runs fp32 when the device cannot autocast to the requested precision
+    if t.mixed_precision == "fp16" and on_cpu:
+        raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU (this run is on the CPU); use bf16 or no")
+    if t.mixed_precision == "bf16" and not on_cpu and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.mixed_precision: this GPU has no bfloat16 support; use fp16 or no")
     # cpu=True when CUDA is absent: without it, `accelerate launch --multi_gpu` on a CPU machine
     # starts processes that each believe they are alone (measured with accelerate 1.15).
     return Accelerator(
-        cpu=t.cpu or not torch.cuda.is_available(),
+        cpu=on_cpu,
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.grad_accum,
         log_with=log_with,
@@ -255,6 +281,8 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     """Accelerator, model (frozen parts, LoRA), optimizer and schedule, resume state, data streams."""
     t = cfg.train
     out = Path(t.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir: {out} is a file, not a folder; name another path")
     acc = make_accelerator(cfg)
     resolved = asdict(cfg)
     print(f"rank {acc.process_index}: processes: {acc.num_processes} ({acc.distributed_type.value}) on {acc.device}")
@@ -299,18 +327,20 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     )
     state = ckpt.TrainState()
     task, optimizer = acc.prepare(task, optimizer)
-    acc.register_for_checkpointing(lr_scheduler, state)
+    # TrainState, the schedule, the collapse watch and the EMA are saved by reca.checkpoint as JSON
+    # and safetensors, not registered with accelerate, which would pickle them
+    # (custom_checkpoint_*.pkl, loaded with weights_only=False)
     watch = CollapseWatch(cfg.watch)
-    acc.register_for_checkpointing(watch)  # the step-0 baseline survives a resume
     ema = EMAModel(params, decay=t.ema_decay) if t.ema_decay else None
-    if ema is not None:
-        acc.register_for_checkpointing(ema)  # registered last: runs without EMA keep their checkpoint layout
 
     if resume_from := ckpt.resolve_resume(out / "checkpoints", resume):
         acc.load_state(str(resume_from))
+        restore_loop_state(ckpt.read_state(resume_from), state, lr_scheduler, watch)
         if ema is not None:
-            ema.to(acc.device)  # accelerate loads custom state onto the CPU
+            restore_ema(ema, resume_from, acc.device)
         print(f"resumed from {resume_from} at step {state.step}")
+        if acc.is_main_process:
+            report_config_changes(resume_from, resolved)
     if acc.is_main_process:
         truncate_log(out / "log.jsonl", state.step)
     streams = open_streams(cfg, adapter.resolution, encoder, state.step, acc.process_index, acc.num_processes)
@@ -343,6 +373,70 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], world: int) ->
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"optim.name: cannot import '{o.name}' ({e})") from None
     return cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def loop_state(r: Run) -> dict:
+    """What the loop needs besides model, optimizer and RNG: JSON only (see reca.checkpoint). The
+    EMA's numbers are here too; its weights go to ``ema.safetensors`` (:func:`extra_files`)."""
+    state = {**r.state.state_dict(), "lr_scheduler": r.lr_scheduler.state_dict(), "watch": r.watch.state_dict()}
+    if r.ema is not None:
+        state["ema"] = {k: v for k, v in r.ema.state_dict().items() if k != "shadow_params"}
+    return state
+
+
+def restore_loop_state(saved: dict, state: ckpt.TrainState, lr_scheduler, watch: CollapseWatch) -> None:
+    state.load_state_dict(saved)
+    lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    if "watch" in saved:
+        watch.load_state_dict(saved["watch"])
+
+
+def extra_files(r: Run, lora_export) -> Callable[[Path], None] | None:
+    """A checkpoint's files beyond accelerate's: the LoRA adapter folder, the EMA weights."""
+    if lora_export is None and r.ema is None:
+        return None
+
+    def write(folder: Path) -> None:
+        if lora_export is not None:
+            lora_export(folder / "adapter")
+        if r.ema is not None:
+            shadow = {f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(r.ema.shadow_params)}
+            save_file(shadow, str(folder / EMA_FILE))
+
+    return write
+
+
+def restore_ema(ema: EMAModel, checkpoint: Path, device: torch.device) -> None:
+    path = checkpoint / EMA_FILE
+    if not path.is_file():
+        raise ConfigError(f"train.ema_decay: {checkpoint} holds no {EMA_FILE} (saved without EMA); set it to 0")
+    shadow = load_file(str(path))
+    meta = ckpt.read_state(checkpoint).get("ema", {})
+    ema.load_state_dict({**meta, "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]})
+    ema.to(device)
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old → new`` for every leaf that differs between two resolved configs."""
+    lines = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"  {prefix}{key}: {a!r} -> {b!r}")
+    return lines
+
+
+def report_config_changes(checkpoint: Path, resolved: dict) -> None:
+    """Resuming with other settings is allowed (a longer run, a new output dir) but never silent:
+    a changed train.max_steps, for one, re-plans the LR schedule from this step on."""
+    path = checkpoint / "config.yaml"
+    if not path.is_file():
+        return
+    saved = yaml.safe_load(path.read_text()) or {}
+    if lines := config_changes(saved, json.loads(json.dumps(resolved))):
+        log.warning(f"resuming with settings that differ from {path}:\n" + "\n".join(lines))
 
 
 def enable_options(adapter, cfg: Config) -> None:
@@ -383,6 +477,7 @@ def open_streams(
             num_workers=t.num_workers,
             image_column=src.image_column,
             min_side=src.min_side,
+            key=f"objectives.{name}.data",
         )
     return streams
 
@@ -440,7 +535,14 @@ def save_model(umm, path: Path, init: Path | None = None, **kwargs) -> None:
 def truncate_log(path: Path, step: int) -> None:
     """On resume, forget log lines written after the checkpoint (they will be written again)."""
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = []
+        for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or not ours
+                if line.strip():
+                    log.warning(f"{path}: dropping an unreadable line ({line[:40]!r}...)")
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from reca.data import DataSource, batches, load_image, open_source
+from reca.config import ConfigError
+from reca.data import DataSource, NoUsableData, batches, load_image, open_source
 
 
 @pytest.fixture(autouse=True)
@@ -177,7 +178,7 @@ def test_everything_bad_raises_instead_of_hanging(tmp_path, monkeypatch) -> None
     for streaming in (False, True):
         ds = open_source(DataSource(path=str(tmp_path), streaming=streaming), need_captions=False)
         for start in (0, 2):
-            with pytest.raises(RuntimeError, match="no usable image"):
+            with pytest.raises(NoUsableData, match="no usable image"):
                 next(stream(ds, caption_column=None, start_batch=start))
 
 
@@ -220,6 +221,9 @@ def test_manifests_resolve_paths_and_read_captions(tmp_path) -> None:
         w.writerows([[f"../{n}", f"caption {Path(n).stem}"] for n in names])
         w.writerow([f"../{names[0]}", ""])  # a row without a caption
     src = DataSource(path=str(sub / "pool.csv"), image_column="file", caption_column="text")
+    with pytest.raises(ConfigError, match=r"^data.i2t.allow_outside_root: 7 image path\(s\) .* leave its folder"):
+        open_source(src, need_captions=True, key="data.i2t")  # ../ leaves the manifest's folder: refused, counted
+    src.allow_outside_root = True
     ds = open_source(src, need_captions=True, key="data.i2t")
     b = next(stream(ds, batch_size=6, caption_column="text", image_column="file"))
     assert sorted(b["caption"]) == sorted(f"caption i{i}" for i in range(6))

@@ -158,6 +158,14 @@ class MetaQueryAdapter(nn.Module):
             blocks = vc.get("encoder_block_out_channels") or vc.get("block_out_channels")
             self.latent_size = cfg.resolution // 2 ** (len(blocks) - 1)
             self.latent_channels = vc.latent_channels
+        # the VAE halves the side len(blocks) - 1 times and the transformer cuts p×p patches: any
+        # other size would be floored (a cropped target) or fail deep inside the forward pass
+        multiple = (1 if vae is None else 2 ** (len(blocks) - 1)) * (transformer.config.get("patch_size") or 1)
+        if cfg.resolution <= 0 or cfg.resolution % multiple:
+            raise ValueError(
+                f"model.args.resolution: {cfg.resolution} must be a positive multiple of {multiple} "
+                "(VAE downsampling × transformer patch size)"
+            )
         self._encoder = None  # the frozen semantic encoder, for text_path=encoder (never a submodule)
         if cfg.heads:
             self.load_heads(cfg.heads)
