@@ -5,6 +5,7 @@
                        --out runs/eval/after --n 4 --seed 0 [--guidance 3 --steps 20] [key=value ...]
     reca-eval score    --run runs/eval/after --scorer clip --clip-model ViT-L-14 --clip-pretrained openai
     reca-eval score    --run runs/eval/after --scorer vqa --config CFG [--checkpoint DIR]
+    reca-eval score    --run runs/eval/dpg --scorer hf-vqa --vqa-model DIR   (a run of --prompts dpg_bench.csv)
     reca-eval score    --run runs/eval/after --scorer my_pkg.scorers:MyScorer --scorer-arg key=value
     reca-eval compare  --before runs/eval/before --after runs/eval/after --out runs/eval/compare
     reca-eval gap      --labels labels.jsonl --generation runs/eval/after --config CFG [--checkpoint DIR]
@@ -139,6 +140,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     elif args.scorer == "vqa":
         _, _, adapter, encoder = model_from_args(args, device)
         kwargs = {"adapter": adapter, "encoder": encoder, **kwargs}
+    elif args.scorer == "hf-vqa":
+        if not args.vqa_model:
+            raise EvalError("--scorer hf-vqa needs --vqa-model (a BLIP VQA dir or cached hub id)")
+        kwargs = {"path": args.vqa_model, "device": device, **kwargs}
     scorer = build_scorer(args.scorer, **kwargs)
     results = score_run(args.run, scorer, out_dir=args.out, n_boot=args.bootstrap, seed=args.seed)
     if args.wandb:
@@ -155,6 +160,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"{tag}\tunverified ({c['n_images']} images this scorer cannot check; not in overall)")
     o = results["overall"]
     print(f"overall\t{100 * o['accuracy']:.1f}\t[{100 * o['ci95'][0]:.1f}, {100 * o['ci95'][1]:.1f}]")
+    if "dpg" in results:
+        d = results["dpg"]
+        for name, c in [*d["categories"].items(), ("overall", d["overall"])]:
+            print(f"dpg {name}\t{100 * c['score']:.1f}\t[{100 * c['ci95'][0]:.1f}, {100 * c['ci95'][1]:.1f}]")
     return 0
 
 
@@ -223,11 +232,15 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
     sp = sub.add_parser("prompts", help="list a prompt set's categories and sizes")
-    sp.add_argument("--prompts", default="builtin", help="builtin, a GenEval .jsonl, a T2I-CompBench .txt or dir")
+    sp.add_argument(
+        "--prompts", default="builtin", help="builtin, a GenEval .jsonl, a T2I-CompBench .txt or dir, a DPG-Bench .csv"
+    )
     sp.set_defaults(func=cmd_prompts)
 
     sp = sub.add_parser("generate", help="draw N images per prompt in GenEval's folder layout (resumable)")
-    sp.add_argument("--prompts", default="builtin", help="builtin, a GenEval .jsonl, a T2I-CompBench .txt or dir")
+    sp.add_argument(
+        "--prompts", default="builtin", help="builtin, a GenEval .jsonl, a T2I-CompBench .txt or dir, a DPG-Bench .csv"
+    )
     sp.add_argument("--out", required=True, help="run directory")
     sp.add_argument("--n", type=int, default=4, help="images per prompt (GenEval: 4, RecA paper: 12)")
     sp.add_argument("--seed", type=int, default=0, help="base seed; image seeds derive from (seed, prompt, image)")
@@ -241,7 +254,8 @@ def parser() -> argparse.ArgumentParser:
         "score", help="score a run; writes <run>/scores/<scorer>/{scores.jsonl,results.json,results.md}"
     )
     sp.add_argument("--run", required=True, help="run directory (GenEval layout)")
-    sp.add_argument("--scorer", required=True, help="clip, vqa, palette or package.module:Factory")
+    sp.add_argument("--scorer", required=True, help="clip, vqa, hf-vqa, palette or package.module:Factory")
+    sp.add_argument("--vqa-model", help="hf-vqa: BlipForQuestionAnswering dir or cached hub id")
     sp.add_argument(
         "--scorer-arg", action="append", default=[], help="key=value passed to the scorer factory (repeatable)"
     )

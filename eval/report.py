@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from eval import dpg
 from eval.prompts import COLORS, EvalError, read_jsonl
 from eval.runner import iter_images, load_run, read_manifest, save_png
 from eval.scorers import Scorer, VQAScorer, article
@@ -194,6 +195,8 @@ def score_run(
             ) from None
         rows.append(row)
     results = aggregate(rows, n_boot=n_boot, seed=seed)
+    if any("dpg_score" in r for r in rows):  # DPG-Bench prompts: its own score next to the accuracy
+        results["dpg"] = dpg.aggregate(rows, {rp.prompt.index: rp.prompt for rp in prompts}, n_boot=n_boot, seed=seed)
     manifest = read_manifest(run)
     results["scorer"] = scorer.name
     results["run"] = str(run)
@@ -245,6 +248,22 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         "exclusion, an attribute or field it has no check for); they are in no accuracy, overall included.",
         "",
     ]
+    if results.get("dpg"):
+        d = results["dpg"]
+        lines += [
+            "## DPG-Bench",
+            "",
+            "Score in %: a question counts only if its parent questions were answered yes; overall = mean over "
+            "prompts of the mean over images; categories = mean of the raw answers over their questions "
+            "(as DPG-Bench's compute_dpg_bench.py). CI: 95% bootstrap over prompts.",
+            "",
+            "| category | score | CI | questions |",
+            "|---|---|---|---|",
+        ]
+        for name, c in d["categories"].items():
+            lines.append(f"| {name} | {_pct(c['score'])} | {_ci(c['ci95'])} | {c['n_questions']} |")
+        o = d["overall"]
+        lines += [f"| **overall** | **{_pct(o['score'])}** | {_ci(o['ci95'])} | |", ""]
     if results.get("unverified"):
         lines += ["## Categories this scorer cannot verify (not in overall)", "", "| category | prompts | images |"]
         lines.append("|---|---|---|")

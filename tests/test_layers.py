@@ -30,6 +30,7 @@ LAYERS: list[list[str]] = [
     ["reca.merge"],
     # the evaluation suite: above the whole library
     ["eval.prompts", "eval.stats"],
+    ["eval.dpg"],
     ["eval.entropy", "eval.scorers", "eval.runner"],
     ["eval.report", "eval.probe"],
     ["eval.cli", "eval.during"],
