@@ -166,6 +166,9 @@ def test_tiny_blip_loads_by_path_and_answers_probabilities(blip_dir: Path) -> No
     assert len(set(p)) > 1  # the question matters
     out = scorer.score(image, load_prompts(FIXTURE)[0])
     assert set(out) >= {"dpg_score", "q1_p_yes", "q4_yes", "correct"}
+    t2i = load_prompts("t2i-compbench")[0]  # "a green bench and a blue bowl": one question per object
+    out = scorer.score(image, t2i)
+    assert out["p_yes"] == pytest.approx(out["obj0_p_yes"] * out["obj1_p_yes"]) and "dpg_score" not in out
 
 
 def test_cli_generates_and_scores_dpg_prompts_with_the_tiny_blip(toy_data, blip_dir: Path, tmp_path: Path, capsys):
