@@ -476,3 +476,12 @@ def test_webdataset_columns_and_patterns_name_the_key(tmp_path) -> None:
     (tmp_path / "junk.tar").write_text("not a tar")
     with pytest.raises(ConfigError, match=r"^objectives\.t2i\.data\.path: .*junk\.tar is not a readable tar archive"):
         open_source(DataSource(path=str(tmp_path / "junk.tar"), image_column="png"), need_captions=False, key=key)
+    # members the loader itself decodes (txt as UTF-8, json) fail at open in one line, naming the shards
+    with tarfile.open(tmp_path / "latin1.tar", "w") as tar:
+        for name, data in (("a.png", _png()), ("a.txt", b"caf\xe9")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ConfigError, match=r"^objectives\.t2i\.data\.path: cannot read shards .*latin1\.tar \('utf-8'"):
+        src = DataSource(path=str(tmp_path / "latin1.tar"), image_column="png", caption_column="txt")
+        open_source(src, need_captions=True, key=key)
