@@ -64,11 +64,17 @@ class DataSource:
     path: str = _f(
         "",
         "folder of images, a .jsonl/.csv manifest (columns: image path, optional caption), "
-        "or a dataset name/dir loadable offline by datasets.load_dataset",
+        "WebDataset .tar shards (a file, a glob or a brace pattern like shards/train-{000000..000009}.tar; "
+        "columns are member extensions), or a dataset name/dir loadable offline by datasets.load_dataset",
     )
     split: str = _f("train", "dataset split (datasets and save_to_disk dicts)")
-    image_column: str = _f("image", "image column in manifests and datasets")
-    caption_column: str = _f("caption", "caption column; empty = none (reconstruction needs none)")
+    image_column: str = _f(
+        "image", "image column in manifests and datasets; for .tar shards the image's extension (jpg)"
+    )
+    caption_column: str = _f(
+        "caption",
+        "caption column; for .tar shards the caption's extension (txt); empty = none (reconstruction needs none)",
+    )
     streaming: bool = _f(False, "stream instead of indexing (datasets IterableDataset), for sets too large to index")
     min_side: int = _f(16, "images whose shorter side is below this are skipped as tiny")
     max_samples: int = _f(0, "use only the first N rows (quick runs); 0 = all")

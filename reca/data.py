@@ -1,4 +1,4 @@
-"""Data: image folders, jsonl/csv manifests and Hugging Face datasets, read through ``datasets``.
+"""Data: image folders, jsonl/csv manifests, WebDataset shards and Hugging Face datasets, read through ``datasets``.
 
 Images stay undecoded (paths or bytes) until a batch is assembled, so a broken file can only ever
 be skipped, never crash a run. Skips (missing, undecodable, tiny, no_caption) and conversions
@@ -13,10 +13,13 @@ world size): loader workers and resumption change how it is computed, never what
 from __future__ import annotations
 
 import codecs
+import glob
 import io
 import itertools
 import logging
 import math
+import re
+import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,6 +27,7 @@ import datasets
 import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
+from datasets.packaged_modules.webdataset.webdataset import base_plus_ext
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from reca.config import ConfigError, DataSource
@@ -53,9 +57,11 @@ def open_source(
     path = Path(src.path).expanduser()
     if not src.path:
         raise FileNotFoundError(
-            f"{key}.path is empty: set a folder of images, a .jsonl/.csv manifest or a dataset name"
+            f"{key}.path is empty: set a folder of images, a .jsonl/.csv manifest, .tar shards or a dataset name"
         )
-    if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):  # save_to_disk
+    if src.path.endswith(".tar"):  # one shard, a glob or a brace pattern of WebDataset shards
+        ds = _open_shards(src, key, need_captions)
+    elif path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):  # save_to_disk
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if src.split not in ds:
@@ -107,6 +113,88 @@ def open_source(
     if not isinstance(ds, datasets.IterableDataset) and len(ds) == 0:
         raise NoUsableData(f"{key}.path: {src.path} holds no examples")
     return _undecoded(ds, src.image_column)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Every name a brace pattern stands for, as the shell (and webdataset's braceexpand) spell it:
+    ``{000..002}`` is a range (zero padding kept when a bound is padded), ``{a,b}`` a list; groups
+    expand left to right. A brace group with neither ``,`` nor ``..`` is literal text."""
+    m = re.search(r"\{([^{}]*(?:,|\.\.)[^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
+    if r := re.fullmatch(r"(\d+)\.\.(\d+)", body):
+        lo, hi = r.group(1), r.group(2)
+        width = (
+            max(len(lo), len(hi)) if (lo.startswith("0") and len(lo) > 1) or (hi.startswith("0") and len(hi) > 1) else 0
+        )
+        step = 1 if int(lo) <= int(hi) else -1
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    else:
+        items = body.split(",")
+    out = [name for item in items for name in expand_braces(head + item + tail)]
+    return list(dict.fromkeys(out))  # nested groups ({a,{b,c}}) expand innermost first: drop repeats
+
+
+def shard_files(pattern: str, key: str = "data") -> list[str]:
+    """The ``.tar`` files a path, glob or brace pattern names, in pattern order (globs sorted).
+    Every part must match a file: a shard silently left out would be a silently smaller dataset."""
+    files, unmatched = [], []
+    for part in expand_braces(str(Path(pattern).expanduser())):
+        found = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part] if Path(part).is_file() else []
+        files.extend(found) if found else unmatched.append(part)
+    if unmatched:
+        more = f" (and {len(unmatched) - 1} more)" if len(unmatched) > 1 else ""
+        raise FileNotFoundError(f"{key}.path: no shard matches {unmatched[0]}{more}")
+    return list(dict.fromkeys(files))
+
+
+def _member_keys(shard: str, key: str, limit: int = 1000) -> list[str]:
+    """The member extensions (webdataset's column names: ``jpg``, ``txt``…) among a shard's first members."""
+    try:
+        with tarfile.open(shard) as tar:
+            names = [m.name for m in itertools.islice(tar, limit) if m.isfile()]
+    except (tarfile.TarError, OSError) as e:
+        raise ConfigError(f"{key}.path: {shard} is not a readable tar archive ({e})") from None
+    return list(dict.fromkeys(ext for _, ext in map(base_plus_ext, names) if ext))
+
+
+def _open_shards(src: DataSource, key: str, need_captions: bool) -> datasets.Dataset | datasets.IterableDataset:
+    """WebDataset shards through ``datasets``' webdataset loader. Its columns are the member extensions.
+
+    The features are given rather than inferred: inference reads the first five samples and fails
+    unless they all have the same members (a sample without caption or image is common), and the
+    image stays undecoded bytes (``Image(decode=False)``) so a broken one is skipped, not fatal.
+    Members other than the image and caption columns are dropped.
+    """
+    files = shard_files(src.path, key)
+    members = _member_keys(files[0], key)
+    found = ", ".join(members) or "none"
+    if src.image_column not in members or "." + src.image_column.rsplit(".", 1)[-1].lower() not in IMAGE_SUFFIXES:
+        raise ConfigError(
+            f"{key}.image_column: '{src.image_column}' is not an image member of {files[0]} (members: {found}); "
+            f"for shards name the image's extension, e.g. {key}.image_column=jpg"
+        )
+    features = {src.image_column: datasets.Image(decode=False), "__key__": datasets.Value("string")}
+    if need_captions:
+        if src.caption_column not in members or src.caption_column.rsplit(".", 1)[-1] not in ("txt", "text"):
+            raise ConfigError(
+                f"{key}.caption_column: this objective needs captions but '{src.caption_column}' is not a text "
+                f"member of {files[0]} (members: {found}); for shards name the caption's extension, e.g. "
+                f"{key}.caption_column=txt"
+            )
+        features[src.caption_column] = datasets.Value("string")
+    try:
+        return datasets.load_dataset(
+            "webdataset",
+            data_files=files,
+            split="train",
+            streaming=src.streaming,
+            features=datasets.Features(features),
+        )
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"{key}.path: cannot read shards {src.path} ({str(cause).splitlines()[0]})") from None
 
 
 def _has_content(path: Path) -> bool:
