@@ -291,7 +291,7 @@ def test_load_scorer_by_import_path():
     assert build_scorer("eval.scorers:PaletteScorer").name == "palette"
     with pytest.raises(EvalError, match="no_such_module"):
         load_scorer("no_such_module:Thing")
-    with pytest.raises(EvalError, match="expected 'clip', 'vqa', 'palette' or an import path"):
+    with pytest.raises(EvalError, match="expected 'clip', 'vqa', 'hf-vqa', 'palette' or an import path"):
         load_scorer("justaname")
     with pytest.raises(EvalError, match="without a 'name'"):
         load_scorer(f"{__name__}:NotAScorer")
