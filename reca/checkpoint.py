@@ -95,14 +95,22 @@ def damage(folder: Path) -> str | None:
 
 def resolve_resume(root: Path, resume: str | None) -> Path | None:
     """``latest``: the newest complete checkpoint under ``root`` (damaged ones skipped with one warning
-    each; None when there is none: start fresh); a path: that checkpoint, which must be complete."""
+    each; None when nothing was saved yet: start fresh — but never when checkpoints exist and none is
+    complete, which would silently throw the run's progress away); a path: that checkpoint, which
+    must be complete."""
     if not resume:
         return None
     if resume == "latest":
-        for path in reversed(checkpoints(root)):
+        found = checkpoints(root)
+        for path in reversed(found):
             if (reason := damage(path)) is None:
                 return path
             log.warning(f"--resume latest: skipping damaged checkpoint {path}: {reason}")
+        if found:
+            raise ConfigError(
+                f"--resume latest: none of the {len(found)} checkpoints in {root} is complete (see the warnings); "
+                "resume from one with --resume PATH after repairing it, or move them away to start over"
+            )
         return None
     path = Path(resume)
     if not path.exists():

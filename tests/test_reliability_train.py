@@ -149,3 +149,14 @@ def test_a_run_ending_nonfinite_exports_no_model(toy_data, tmp_path, monkeypatch
     argv = ["--config", str(TINY), *tiny_overrides(toy_data, tmp_path / "cli", *STEPS, "train.max_steps=3")]
     assert train.main(argv) == 1
     assert "no final model exported" in capsys.readouterr().err and not (tmp_path / "cli" / "final").exists()
+
+
+def test_resume_latest_with_only_damaged_checkpoints_is_one_line_not_a_fresh_start(tmp_path) -> None:
+    from reca.checkpoint import resolve_resume
+    from reca.config import ConfigError
+
+    root = tmp_path / "checkpoints"
+    (root / "checkpoint-10").mkdir(parents=True)  # an empty folder: damaged
+    with pytest.raises(ConfigError, match="none of the 1 checkpoints"):
+        resolve_resume(root, "latest")
+    assert resolve_resume(tmp_path / "nothing-yet", "latest") is None  # nothing saved: start fresh
