@@ -29,7 +29,16 @@ from torch import nn
 from reca.adapter import Condition
 from reca.flow import flow_matching_loss, guided, noisy_latents, sample_sigmas, velocity_from_x0, x0_loss
 from reca.images import to_pil
-from reca.models.common import IGNORE, answer_logprobs, left_pad, position_ids, right_pad, sequence_nll
+from reca.models.common import (
+    IGNORE,
+    answer_logprobs,
+    answer_sequences,
+    layer_states,
+    left_pad,
+    position_ids,
+    right_pad,
+    sequence_nll,
+)
 from reca.models.tokenizer import byte_tokenizer
 from reca.seeds import dropped, per_sample_noise
 
@@ -401,7 +410,6 @@ class MetaQueryAdapter(nn.Module):
         ``answers`` is given (text generation; ``cond.instructions`` are the questions), else the
         learnable queries — in this architecture they are what carries the image to the DiT, so
         they are the image response (reca.adapter.Traceable)."""
-        base = self._base()
         if answers is None:
             pieces = self._prompt_pieces(cond, [False] * len(cond))
             seqs = [(torch.cat([p, self.queries.to(p.dtype)]), p.shape[0]) for p in pieces]
@@ -411,14 +419,8 @@ class MetaQueryAdapter(nn.Module):
                     "text responses are traced for image prompts (captioning): give Condition(semantic=...)"
                 )
             embeds, mask, labels = self._understanding_batch(cond.semantic, cond.instructions, answers)
-            seqs = [
-                (embeds[i, : int(mask[i].sum())], int((labels[i] != IGNORE).nonzero()[0])) for i in range(len(embeds))
-            ]
-        out = []
-        for seq, prompt_len in seqs:  # one sequence at a time: no padding inside the states
-            states = base(inputs_embeds=seq[None], output_hidden_states=True).hidden_states
-            out.append(([h[0].float().cpu() for h in states], prompt_len))
-        return out
+            seqs = answer_sequences(embeds, mask, labels)
+        return layer_states(self._base(), seqs)
 
     # ------------------------------------------------------------------ sampling
 
