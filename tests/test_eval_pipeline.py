@@ -462,7 +462,7 @@ def test_cli_generate_builds_through_reca(monkeypatch, tmp_path, capsys):
         return real_load_config(config, overrides)
 
     monkeypatch.setattr(reca.config, "load_config", spy_load_config)
-    monkeypatch.setattr(reca.build, "load_trained", lambda cfg, checkpoint, device: (DiscAdapter(), None))
+    monkeypatch.setattr(reca.build, "load_trained", lambda cfg, checkpoint, device, **kw: (DiscAdapter(), None))
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(p.to_geneval()) + "\n" for p in COLOUR_PROMPTS[:3]))
     out = tmp_path / "run"
