@@ -5,6 +5,7 @@
                        --out runs/eval/after --n 4 --seed 0 [--guidance 3 --steps 20] [key=value ...]
     reca-eval score    --run runs/eval/after --scorer clip --clip-model ViT-L-14 --clip-pretrained openai
     reca-eval score    --run runs/eval/after --scorer vqa --config CFG [--checkpoint DIR]
+    reca-eval score    --run runs/eval/dpg --scorer hf-vqa --vqa-model DIR   (a run of --prompts dpg_bench.csv)
     reca-eval score    --run runs/eval/after --scorer my_pkg.scorers:MyScorer --scorer-arg key=value
     reca-eval compare  --before runs/eval/before --after runs/eval/after --out runs/eval/compare
     reca-eval gap      --labels labels.jsonl --generation runs/eval/after --config CFG [--checkpoint DIR]
@@ -46,7 +47,7 @@ def model_from_args(args: argparse.Namespace, device: str) -> tuple[str, Any, An
     else:
         raise EvalError("--config is required (or a --checkpoint holding its config.json)")
     cfg = load_config(config, list(args.overrides))
-    adapter, encoder = load_trained(cfg, args.checkpoint, device)
+    adapter, encoder = load_trained(cfg, args.checkpoint, device, weights=args.weights)
     return config, cfg, adapter, encoder
 
 
@@ -97,6 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         config=config,
         config_sha256=sha256_file(config),
         overrides=list(args.overrides),
+        weights=args.weights,
         resolved_config=to_dict(cfg),
     )
     files = [f for f in prompt_source_files(args.prompts) if f.is_file()]
@@ -138,6 +140,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     elif args.scorer == "vqa":
         _, _, adapter, encoder = model_from_args(args, device)
         kwargs = {"adapter": adapter, "encoder": encoder, **kwargs}
+    elif args.scorer == "hf-vqa":
+        if not args.vqa_model:
+            raise EvalError("--scorer hf-vqa needs --vqa-model (a BLIP VQA dir or cached hub id)")
+        kwargs = {"path": args.vqa_model, "device": device, **kwargs}
     scorer = build_scorer(args.scorer, **kwargs)
     results = score_run(args.run, scorer, out_dir=args.out, n_boot=args.bootstrap, seed=args.seed)
     if args.wandb:
@@ -150,8 +156,14 @@ def cmd_score(args: argparse.Namespace) -> int:
         run.finish()
     for tag, c in results["categories"].items():
         print(f"{tag}\t{100 * c['accuracy']:.1f}\t[{100 * c['ci95'][0]:.1f}, {100 * c['ci95'][1]:.1f}]")
+    for tag, c in results.get("unverified", {}).items():
+        print(f"{tag}\tunverified ({c['n_images']} images this scorer cannot check; not in overall)")
     o = results["overall"]
     print(f"overall\t{100 * o['accuracy']:.1f}\t[{100 * o['ci95'][0]:.1f}, {100 * o['ci95'][1]:.1f}]")
+    if "dpg" in results:
+        d = results["dpg"]
+        for name, c in [*d["categories"].items(), ("overall", d["overall"])]:
+            print(f"dpg {name}\t{100 * c['score']:.1f}\t[{100 * c['ci95'][0]:.1f}, {100 * c['ci95'][1]:.1f}]")
     return 0
 
 
@@ -207,6 +219,12 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="reca YAML config (default: <checkpoint>/config.json)")
         sp.add_argument("--checkpoint", help="trained checkpoint dir (LoRA adapter or full model.safetensors)")
         sp.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+        sp.add_argument(
+            "--weights",
+            choices=("raw", "ema"),
+            default="raw",
+            help="the trained weights or their EMA (<checkpoint>/ema)",
+        )
         sp.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.dtype=bfloat16")
 
     def stats_args(sp: argparse.ArgumentParser) -> None:
@@ -214,11 +232,15 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
     sp = sub.add_parser("prompts", help="list a prompt set's categories and sizes")
-    sp.add_argument("--prompts", default="builtin", help="builtin, a GenEval .jsonl, a T2I-CompBench .txt or dir")
+    sp.add_argument(
+        "--prompts", default="builtin", help="builtin, a GenEval .jsonl, a T2I-CompBench .txt or dir, a DPG-Bench .csv"
+    )
     sp.set_defaults(func=cmd_prompts)
 
     sp = sub.add_parser("generate", help="draw N images per prompt in GenEval's folder layout (resumable)")
-    sp.add_argument("--prompts", default="builtin", help="builtin, a GenEval .jsonl, a T2I-CompBench .txt or dir")
+    sp.add_argument(
+        "--prompts", default="builtin", help="builtin, a GenEval .jsonl, a T2I-CompBench .txt or dir, a DPG-Bench .csv"
+    )
     sp.add_argument("--out", required=True, help="run directory")
     sp.add_argument("--n", type=int, default=4, help="images per prompt (GenEval: 4, RecA paper: 12)")
     sp.add_argument("--seed", type=int, default=0, help="base seed; image seeds derive from (seed, prompt, image)")
@@ -232,7 +254,8 @@ def parser() -> argparse.ArgumentParser:
         "score", help="score a run; writes <run>/scores/<scorer>/{scores.jsonl,results.json,results.md}"
     )
     sp.add_argument("--run", required=True, help="run directory (GenEval layout)")
-    sp.add_argument("--scorer", required=True, help="clip, vqa, palette or package.module:Factory")
+    sp.add_argument("--scorer", required=True, help="clip, vqa, hf-vqa, palette or package.module:Factory")
+    sp.add_argument("--vqa-model", help="hf-vqa: BlipForQuestionAnswering dir or cached hub id")
     sp.add_argument(
         "--scorer-arg", action="append", default=[], help="key=value passed to the scorer factory (repeatable)"
     )
@@ -276,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reca-eval: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # reca.config.ConfigError is a ValueError with a one-line message
-        if type(e).__name__ == "ConfigError":
+        if any(c.__name__ == "ConfigError" for c in type(e).__mro__):  # and its subclasses (reca.data)
             print(f"reca-eval: error: {e}", file=sys.stderr)
             return 2
         raise

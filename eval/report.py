@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from eval import dpg
 from eval.prompts import COLORS, EvalError, read_jsonl
 from eval.runner import iter_images, load_run, read_manifest, save_png
 from eval.scorers import Scorer, VQAScorer, article
@@ -58,23 +59,27 @@ def _as_json(obj: Any) -> Any:
 
 
 def per_prompt(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per-image rows → one row per prompt (index, tag, prompt, images, correct, unverified)."""
+    """Per-image rows → one row per prompt (index, tag, prompt, images, correct, unverified).
+
+    ``n_images``/``n_correct``/``accuracy`` count only the images the scorer could verify;
+    ``n_unverified`` the others (``accuracy`` is None when no image was verified)."""
     groups: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[int(r["index"])].append(r)
     out = []
     for index in sorted(groups):
         g = groups[index]
-        n_correct = sum(bool(r["correct"]) for r in g)
+        verified = [r for r in g if not r.get("unverified", False)]
+        n_correct = sum(bool(r["correct"]) for r in verified)
         out.append(
             {
                 "index": index,
                 "tag": g[0]["tag"],
                 "prompt": g[0]["prompt"],
-                "n_images": len(g),
+                "n_images": len(verified),
                 "n_correct": n_correct,
-                "accuracy": n_correct / len(g),
-                "n_unverified": sum(bool(r.get("unverified", False)) for r in g),
+                "accuracy": n_correct / len(verified) if verified else None,
+                "n_unverified": len(g) - len(verified),
             }
         )
     return out
@@ -88,11 +93,23 @@ def _by_tag(prompts: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str,
 
 
 def aggregate(rows: Iterable[Mapping[str, Any]], *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Per-image rows (``index``, ``tag``, ``prompt``, ``correct``...) → per-category and overall
-    accuracy with bootstrap and Wilson 95% intervals, plus the per-prompt rows."""
-    prompts = per_prompt(rows)
-    if not prompts:
+    """Per-image rows (``index``, ``tag``, ``prompt``, ``correct``, ``unverified``...) → per-category
+    and overall accuracy with bootstrap and Wilson 95% intervals, plus the per-prompt rows.
+
+    Images the scorer marked ``unverified`` never enter an accuracy: they are counted per category
+    (``n_unverified``), prompts with no verified image are listed under ``unverified_prompts`` and
+    categories with none under ``unverified`` — reported apart and left out of ``overall``."""
+    all_prompts = per_prompt(rows)
+    if not all_prompts:
         raise EvalError("no scored images to aggregate")
+    prompts = [p for p in all_prompts if p["n_images"] > 0]
+    unverified_prompts = [p for p in all_prompts if p["n_images"] == 0]
+    if not prompts:
+        raise EvalError(
+            f"the scorer could verify none of the {sum(p['n_unverified'] for p in all_prompts)} images "
+            "(every prompt asks for something it cannot check); use a scorer that checks these prompts"
+        )
+    unverified_by_tag = _by_tag(all_prompts)
     groups = _by_tag(prompts)
     idx = bootstrap_indices({t: len(g) for t, g in groups.items()}, n_boot, seed)
     categories: dict[str, Any] = {}
@@ -110,20 +127,28 @@ def aggregate(rows: Iterable[Mapping[str, Any]], *, n_boot: int = 1000, seed: in
             "n_prompts": len(g),
             "n_images": n,
             "n_correct": k,
-            "n_unverified": sum(p["n_unverified"] for p in g),
+            "n_unverified": sum(p["n_unverified"] for p in unverified_by_tag[tag]),
         }
+    unverified = {
+        tag: {"n_prompts": len(g), "n_images": sum(p["n_unverified"] for p in g)}
+        for tag, g in unverified_by_tag.items()
+        if tag not in categories
+    }
     overall_boot = np.mean(replicates, axis=0)
     overall = {
         "accuracy": float(np.mean([c["accuracy"] for c in categories.values()])),
         "ci95": percentile_interval(overall_boot),
-        "definition": "unweighted mean over categories",
+        "definition": "unweighted mean over the categories with verified images",
         "n_prompts": len(prompts),
         "n_images": sum(p["n_images"] for p in prompts),
+        "n_unverified": sum(p["n_unverified"] for p in all_prompts),
     }
     return {
         "categories": categories,
         "overall": overall,
+        "unverified": unverified,
         "prompts": prompts,
+        "unverified_prompts": unverified_prompts,
         "bootstrap": {"n": n_boot, "seed": seed, "unit": "prompt", "level": 0.95},
     }
 
@@ -145,6 +170,10 @@ def score_run(
     Fails before scoring anything if an image is missing or unreadable (listing the paths)."""
     run = Path(run_dir)
     prompts = load_run(run)
+    ignored = [p.relative_to(run).as_posix() for rp in prompts for p in rp.ignored]
+    if ignored:
+        more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
+        log.warning(f"{run}: {len(ignored)} file(s) outside the layout not scored: {', '.join(ignored[:5])}{more}")
     rows = []
     for prompt, path in iter_images(prompts):
         with Image.open(path) as im:
@@ -166,9 +195,12 @@ def score_run(
             ) from None
         rows.append(row)
     results = aggregate(rows, n_boot=n_boot, seed=seed)
+    if any("dpg_score" in r for r in rows):  # DPG-Bench prompts: its own score next to the accuracy
+        results["dpg"] = dpg.aggregate(rows, {rp.prompt.index: rp.prompt for rp in prompts}, n_boot=n_boot, seed=seed)
     manifest = read_manifest(run)
     results["scorer"] = scorer.name
     results["run"] = str(run)
+    results["ignored_files"] = ignored
     keys = ("model", "n_images", "seed", "guidance_scale", "num_steps", "prompts")
     results["generation"] = {k: manifest.get(k) for k in keys}
     out = Path(out_dir) if out_dir is not None else scores_dir(run, scorer.name)
@@ -213,8 +245,32 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         f"| {o['n_prompts']} | {o['n_images']} | |",
         "",
         "`unverified`: images whose prompt asks for something this scorer cannot check (count, position, "
-        "an unknown attribute); their `correct` covers the rest.",
+        "exclusion, an attribute or field it has no check for); they are in no accuracy, overall included.",
         "",
+    ]
+    if results.get("dpg"):
+        d = results["dpg"]
+        lines += [
+            "## DPG-Bench",
+            "",
+            "Score in %: a question counts only if its parent questions were answered yes; overall = mean over "
+            "prompts of the mean over images; categories = mean of the raw answers over their questions "
+            "(as DPG-Bench's compute_dpg_bench.py). CI: 95% bootstrap over prompts.",
+            "",
+            "| category | score | CI | questions |",
+            "|---|---|---|---|",
+        ]
+        for name, c in d["categories"].items():
+            lines.append(f"| {name} | {_pct(c['score'])} | {_ci(c['ci95'])} | {c['n_questions']} |")
+        o = d["overall"]
+        lines += [f"| **overall** | **{_pct(o['score'])}** | {_ci(o['ci95'])} | |", ""]
+    if results.get("unverified"):
+        lines += ["## Categories this scorer cannot verify (not in overall)", "", "| category | prompts | images |"]
+        lines.append("|---|---|---|")
+        for tag, c in results["unverified"].items():
+            lines.append(f"| {tag} | {c['n_prompts']} | {c['n_images']} |")
+        lines.append("")
+    lines += [
         "## Per prompt",
         "",
         "| # | category | prompt | correct |",

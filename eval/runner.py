@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from PIL import Image
 
-from eval.prompts import EvalError, Prompt, prompts_digest
+from eval.prompts import EvalError, Prompt, prompts_digest, read_lines
 from reca.io import atomic_write, atomic_write_json, atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
@@ -292,6 +292,7 @@ def generate(
 class RunPrompt:
     prompt: Prompt
     images: list[Path]
+    ignored: list[Path] = field(default_factory=list)  # files in samples/ outside the layout, never scored
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
@@ -300,16 +301,36 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path}: malformed JSON ({e.msg})") from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalError(f"{path}: malformed JSON ({getattr(e, 'msg', e)})") from None
+
+
+def layout_images(samples: Path, n_images: int | None) -> tuple[list[Path], list[Path]]:
+    """(images to score, files ignored) of one ``samples/`` folder.
+
+    The layout defines the images: ``NNNN.png`` for ``NNNN < n_images`` (the manifest's count), or,
+    for folders written by other tools, ``0000.png, 0001.png, ...`` up to the first gap. Anything
+    else there (``0000 (copy).png``, a stray PNG after a gap) is never scored, only listed."""
+    if n_images is None:
+        n = 0
+        while (samples / f"{n:04d}.png").is_file():
+            n += 1
+    else:
+        n = n_images
+    images = [samples / f"{i:04d}.png" for i in range(n)]
+    wanted = {p.name for p in images}
+    present = samples.iterdir() if samples.is_dir() else []
+    return images, sorted((p for p in present if p.name not in wanted), key=lambda p: p.name)
 
 
 def load_run(run_dir: str | Path) -> list[RunPrompt]:
     """Prompts and image paths of a run, sorted by prompt index and image name.
 
     Fails, listing every offending path, when a prompt folder or an image the manifest promises is
-    missing or unreadable: a silently skipped image would bias the accuracy (GenEval's defect)."""
+    missing or unreadable (a silently skipped image would bias the accuracy, GenEval's defect), when
+    a prompt folder is not in the manifest's prompt set, or when the prompts in ``metadata.jsonl``
+    are not the ones the manifest hashed."""
     run = Path(run_dir)
     if not run.is_dir():
         raise EvalError(f"{run}: no such run directory")
@@ -321,6 +342,12 @@ def load_run(run_dir: str | Path) -> list[RunPrompt]:
     if expected is not None:
         have = {int(d.name) for d in folders}
         problems += [f"{prompt_dir(run, i)} (missing prompt folder)" for i in expected if i not in have]
+        stray = [d for d in folders if int(d.name) not in set(expected)]
+        if stray:
+            raise EvalError(
+                f"{run}: prompt folder(s) {', '.join(d.name for d in stray[:5])} are not in the prompt set the "
+                f"manifest records ({len(expected)} prompts); move them out or generate into a new --out"
+            )
     if not folders and not problems:
         raise EvalError(f"{run}: no prompt folders (expected GenEval layout <run>/00000/samples/0000.png)")
 
@@ -331,26 +358,29 @@ def load_run(run_dir: str | Path) -> list[RunPrompt]:
             problems.append(f"{meta} (missing)")
             continue
         try:
-            line = json.loads(meta.read_text(encoding="utf-8").strip().splitlines()[0])
-        except (json.JSONDecodeError, IndexError):
+            line = json.loads(next(x for x in read_lines(meta) if x.strip()))
+        except (json.JSONDecodeError, StopIteration):
             problems.append(f"{meta} (malformed)")
             continue
-        prompt = Prompt.from_geneval(int(d.name), line, str(meta))
-        if n_images is not None:
-            images = [sample_path(run, prompt.index, i) for i in range(int(n_images))]
-        else:
-            images = sorted((d / "samples").glob("*.png"), key=lambda p: p.name)
-            if not images:
-                problems.append(f"{d / 'samples'} (no images)")
+        prompt = Prompt.from_geneval(int(d.name), line, f"{meta}:1")
+        images, ignored = layout_images(d / "samples", None if n_images is None else int(n_images))
+        if not images:
+            problems.append(f"{d / 'samples'} (no images named 0000.png, 0001.png, ...)")
         for path in images:
             if not path.is_file():
                 problems.append(f"{path} (missing)")
             elif not is_valid_image(path):
                 problems.append(f"{path} (unreadable)")
-        out.append(RunPrompt(prompt, images))
+        out.append(RunPrompt(prompt, images, ignored))
     if problems:
         shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise EvalError(f"{run}: {len(problems)} missing or unreadable file(s): {shown}")
+    recorded = manifest.get("prompts", {}).get("sha256")
+    if recorded is not None and prompts_digest([rp.prompt for rp in out]) != recorded:
+        raise EvalError(
+            f"{run}: the prompts in its */metadata.jsonl differ from those the manifest recorded at generation "
+            f"(sha256 {recorded[:12]}...); the images were drawn for other prompts — regenerate, never re-label"
+        )
     return out
 
 

@@ -16,6 +16,9 @@ Implemented here:
   the prompt's object against GenEval's other class names, not detection; counting and position are
   not verified.
 * :class:`VQAScorer` — the UMM's own understanding as judge: P(yes) from ``answer_logprob``.
+* :class:`HFVQAScorer` — a transformers BLIP VQA model as judge (T2I-CompBench's BLIP-VQA; DPG-Bench's
+  yes/no questions with any such model). Both VQA scorers share :func:`vqa_checks`: the questions
+  (:func:`questions_for`, or a DPG-Bench prompt's own with its dependency rule) and the verdict.
 * :class:`PaletteScorer` — model-free: majority nearest palette colour of foreground pixels, for
   synthetic worlds with flat colours (the demo world, tests).
 * :func:`load_scorer` — any ``"package.module:Factory"`` (users' own scorers, the demo's).
@@ -33,6 +36,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from eval.dpg import dpg_questions, image_scores
 from eval.prompts import COLORS, EvalError, Prompt, attribute_of, load_object_names
 
 Score = dict[str, float | bool | str]
@@ -191,9 +195,21 @@ def article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
+#: include-item keys the scorers here understand; any other key (GenEval++'s ``region``, ``size``,
+#: ``attributes``, GenEval's ``position``) is a constraint none of them checks.
+CHECKED_ITEM_KEYS = frozenset({"class", "count", "color", "attribute"})
+
+
 def unverifiable(prompt: Prompt) -> bool:
-    """Does the prompt ask for count > 1, relative position or absence (beyond our scorers)?"""
-    return bool(prompt.exclude) or any(item.get("count", 1) != 1 or "position" in item for item in prompt.include)
+    """Does the prompt ask for something no scorer here checks: a count > 1, a relative position,
+    an exclusion, or an include field beyond class/count/color/attribute? Such an image is reported
+    ``unverified`` and left out of every accuracy (it would count as wrong, or right, unchecked)."""
+    return bool(prompt.exclude) or any(
+        item.get("count", 1) != 1
+        or set(item) - CHECKED_ITEM_KEYS
+        or (item.get("color") is not None and item.get("attribute") not in (None, item["color"]))  # one is checked
+        for item in prompt.include
+    )
 
 
 def attribute_vocab(attribute: str) -> tuple[str, ...] | None:
@@ -253,7 +269,15 @@ class ClipScorer:
         a tag (e.g. ``"openai"`` for GenEval's ViT-L-14) or a local file; None = random (tests)."""
         import open_clip
 
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, **overrides)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained or None, **overrides
+            )
+        except (OSError, RuntimeError, ValueError) as e:  # offline hub, unknown tag, a bad file
+            raise EvalError(
+                f"--clip-pretrained {pretrained}: cannot load {name} weights ({str(e).splitlines()[0][:200]}); "
+                "download them once and pass the local file, e.g. --clip-pretrained /path/open_clip_model.safetensors"
+            ) from None
         tokenizer = open_clip.get_tokenizer(name)
         return cls(
             model, preprocess, tokenizer, object_names=object_names, mask_background=mask_background, device=device
@@ -296,12 +320,9 @@ class ClipScorer:
             out["foreground_fraction"] = float(mask.mean())
             if mask.any():
                 attr_emb = self._embed_image(paste_on_gray(image, mask))
-        unverified = unverifiable(prompt)
-        correct = True
-        if not prompt.include:
-            raise EvalError(
-                f"prompt {prompt.index} ('{prompt.prompt}'): no include items; ClipScorer needs GenEval-style objects"
-            )
+        # a free-form prompt (no include items) names no object to check
+        unverified = unverifiable(prompt) or not prompt.include
+        correct = bool(prompt.include)
         for i, item in enumerate(prompt.include):
             obj = item["class"]
             candidates = [obj] + [n for n in self.object_names if n != obj]
@@ -413,13 +434,119 @@ class VQAScorer:
         return [p_yes_from_logprobs(logprobs[2 * j], logprobs[2 * j + 1]) for j in range(k)]
 
     def score(self, image: Image.Image, prompt: Prompt) -> Score:
-        questions = questions_for(prompt, self.template)
-        probs = self.p_yes(self.encode(image), questions)
-        out: Score = {f"obj{i}_p_yes": p for i, p in enumerate(probs)}
-        out["p_yes"] = math.prod(probs)
-        out["unverified"] = unverifiable(prompt)
-        out["correct"] = all(p > self.threshold for p in probs)
+        semantic = self.encode(image)
+        return vqa_checks(prompt, lambda qs: self.p_yes(semantic, qs), template=self.template, threshold=self.threshold)
+
+
+def vqa_checks(
+    prompt: Prompt, ask: Callable[[list[str]], list[float]], *, template: str, threshold: float = 0.5
+) -> Score:
+    """One image's checks from ``ask(questions) -> P(yes) each``.
+
+    A DPG-Bench prompt asks its own questions; a "yes" is P(yes) > ``threshold`` and a question
+    whose parent got a "no" scores 0 (:func:`eval.dpg.image_scores`); ``correct`` = every question
+    scores 1. Any other prompt asks :func:`questions_for` (one per include item); ``p_yes`` is
+    their product (T2I-CompBench's BLIP-VQA score) and ``correct`` = every P(yes) > ``threshold``."""
+    dpg = dpg_questions(prompt)
+    if dpg is not None:
+        out: Score = image_scores(dpg, ask([q["question"] for q in dpg]), threshold)
+        out["unverified"] = False
+        out["correct"] = out["dpg_score"] == 1.0
         return out
+    probs = ask(questions_for(prompt, template))
+    out = {f"obj{i}_p_yes": p for i, p in enumerate(probs)}
+    out["p_yes"] = math.prod(probs)
+    out["unverified"] = unverifiable(prompt)
+    out["correct"] = all(p > threshold for p in probs)
+    return out
+
+
+# --------------------------------------------------------------------------- VQA with a transformers BLIP model
+
+
+class HFVQAScorer:
+    """P(yes) of a transformers ``BlipForQuestionAnswering`` for each question about an image.
+
+    BLIP answers by decoding from ``decoder_start_token_id`` over the question's embeddings
+    (``BlipForQuestionAnswering.generate``); we score the two answers instead of sampling one:
+    the decoder's summed log-likelihood of ``yes`` and of ``no`` (each ``[bos] answer [SEP]``),
+    renormalised over the two (:func:`p_yes_from_logprobs`). T2I-CompBench's BLIP-VQA reads
+    P(yes) the same way; DPG-Bench takes the generated answer, which for a yes/no question is
+    the likelier of the two — "yes" here when P(yes) > ``threshold``."""
+
+    name = "hf-vqa"
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        device: str = "cpu",
+        threshold: float = 0.5,
+        template: str = "Is this {article} {phrase}?",
+        yes: str = "yes",
+        no: str = "no",
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.processor = processor
+        self.device = device
+        self.threshold = threshold
+        self.template = template
+        self.answers = (yes, no)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, device: str = "cpu", **kwargs: Any) -> "HFVQAScorer":
+        """``BlipForQuestionAnswering`` + ``AutoProcessor`` from a local dir or a cached hub id."""
+        from transformers import AutoProcessor, BlipForQuestionAnswering
+
+        try:
+            processor = AutoProcessor.from_pretrained(path)
+            model = BlipForQuestionAnswering.from_pretrained(path)
+        except (OSError, ValueError) as e:  # not cached offline, no such dir, a bad repo id
+            raise EvalError(
+                f"--vqa-model {path}: cannot load a BLIP VQA model ({str(e).splitlines()[0][:200]}); download it "
+                "once (e.g. `huggingface-cli download Salesforce/blip-vqa-base --local-dir DIR`) and pass "
+                "--vqa-model DIR"
+            ) from None
+        return cls(model, processor, device=device, **kwargs)
+
+    def p_yes(self, image: Image.Image, questions: Sequence[str]) -> list[float]:
+        """P(yes) for each question about ``image``, in one batch of ``2 × len(questions)`` answers."""
+        import torch
+
+        from reca.models.common import IGNORE, answer_logprobs
+
+        k = len(questions)
+        tok = self.processor.tokenizer
+        with torch.inference_mode():
+            pixels = self.processor.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+            image_embeds = self.model.vision_model(pixel_values=pixels.to(self.device))[0].expand(k, -1, -1)
+            q = tok(list(questions), padding=True, return_tensors="pt").to(self.device)
+            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+            q_embeds = self.model.text_encoder(
+                input_ids=q.input_ids,
+                attention_mask=q.attention_mask,
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_mask,
+            )[0]
+            a = tok(list(self.answers), padding=True, return_tensors="pt").to(self.device)
+            ids = a.input_ids.repeat(k, 1)  # yes, no, yes, no, ...
+            ids[:, 0] = self.model.decoder_start_token_id  # [CLS] → BLIP's [DEC], as generate() starts
+            mask = a.attention_mask.repeat(k, 1)
+            hidden = self.model.text_decoder.bert(
+                input_ids=ids,
+                attention_mask=mask,
+                encoder_hidden_states=q_embeds.repeat_interleave(2, 0),
+                encoder_attention_mask=q.attention_mask.repeat_interleave(2, 0),
+                is_decoder=True,
+            )[0]
+            labels = ids.masked_fill(mask == 0, IGNORE)
+            logp, valid = answer_logprobs(hidden, labels, self.model.text_decoder.cls)
+            total = (logp * valid).sum(1).tolist()
+        return [p_yes_from_logprobs(total[2 * j], total[2 * j + 1]) for j in range(k)]
+
+    def score(self, image: Image.Image, prompt: Prompt) -> Score:
+        return vqa_checks(prompt, lambda qs: self.p_yes(image, qs), template=self.template, threshold=self.threshold)
 
 
 # --------------------------------------------------------------------------- palette (synthetic worlds)
@@ -461,8 +588,11 @@ class PaletteScorer:
             correct = out["color"] == colours[0]
         else:
             correct = all(votes.get(c, 0.0) >= self.min_share for c in colours)
-        out["unverified"] = unverifiable(prompt) or any(attribute_of(i) and not i.get("color") for i in prompt.include)
-        out["correct"] = bool(correct) and bool(colours or not prompt.include)
+        # colour is all it sees: shape/texture attributes, or a prompt with no colour, are not checked
+        out["unverified"] = (
+            unverifiable(prompt) or not colours or any(attribute_of(i) and not i.get("color") for i in prompt.include)
+        )
+        out["correct"] = bool(correct) and bool(colours)
         return out
 
 
@@ -474,7 +604,7 @@ def load_scorer(spec: str, **kwargs: Any) -> Scorer:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise EvalError(
-            f"--scorer {spec}: expected 'clip', 'vqa', 'palette' or an import path 'package.module:Factory'"
+            f"--scorer {spec}: expected 'clip', 'vqa', 'hf-vqa', 'palette' or an import path 'package.module:Factory'"
         )
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -490,7 +620,8 @@ def load_scorer(spec: str, **kwargs: Any) -> Scorer:
 
 def build_scorer(kind: str, **kwargs: Any) -> Scorer:
     """``clip`` → :meth:`ClipScorer.from_open_clip`, ``vqa`` → :class:`VQAScorer` (needs
-    ``adapter=`` and ``encoder=``), ``palette`` → :class:`PaletteScorer`, else :func:`load_scorer`."""
+    ``adapter=`` and ``encoder=``), ``palette`` → :class:`PaletteScorer`, ``hf-vqa`` →
+    :meth:`HFVQAScorer.from_pretrained` (needs ``path=``), else :func:`load_scorer`."""
     if kind == "clip":
         kwargs.setdefault("name", "ViT-L-14")
         return ClipScorer.from_open_clip(**kwargs)
@@ -498,4 +629,6 @@ def build_scorer(kind: str, **kwargs: Any) -> Scorer:
         return VQAScorer(**kwargs)
     if kind == "palette":
         return PaletteScorer(**kwargs)
+    if kind == "hf-vqa":
+        return HFVQAScorer.from_pretrained(**kwargs)
     return load_scorer(kind, **kwargs)

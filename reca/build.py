@@ -98,11 +98,22 @@ def apply_lora(adapter: nn.Module, cfg: Config) -> nn.Module:
         lora_dropout=cfg.lora.dropout,
         target_modules=targets,
         modules_to_save=cfg.lora.modules_to_save or None,
+        use_dora=cfg.lora.use_dora,
+        init_lora_weights=True if cfg.lora.init == "default" else cfg.lora.init,
+        rank_pattern=dict(cfg.lora.rank_pattern),
+        alpha_pattern=dict(cfg.lora.alpha_pattern),
     )
     try:
         return get_peft_model(adapter, lora)
     except ValueError as e:
         raise ConfigError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+
+
+def mutates_base(cfg: Config) -> bool:
+    """PiSSA and OLoRA move the principal part of each base weight into the adapter at init, so the
+    trained adapter fits only that changed base; reca saves the initial adapter and exports the
+    difference as a plain LoRA of the original base (peft's ``path_initial_model_for_weight_conversion``)."""
+    return cfg.lora.enabled and cfg.lora.init.startswith(("pissa", "olora"))
 
 
 def load_checkpoint(adapter: nn.Module, path: str | Path, encoder: FrozenEncoder | None = None) -> nn.Module:
@@ -153,12 +164,23 @@ def checkpoint_config(checkpoint: str | Path) -> Path:
 
 
 def load_trained(
-    cfg: Config, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"
+    cfg: Config, checkpoint: str | Path | None = None, device: str | torch.device = "cpu", weights: str = "raw"
 ) -> tuple[UMMAdapter, FrozenEncoder]:
     """The one way a trained model is loaded for evaluation (CLI, probe, demo): built from ``cfg``
     as the trainer builds it, ``checkpoint`` loaded on top (a PEFT folder, a ``save_pretrained``
-    folder or a trainer checkpoint, see :func:`load_checkpoint`), in eval mode on ``device``."""
+    folder or a trainer checkpoint, see :func:`load_checkpoint`), in eval mode on ``device``.
+    ``weights="ema"`` loads the moving average exported beside the raw weights (``<checkpoint>/ema``)."""
     from accelerate.utils import set_seed
+
+    if weights not in ("raw", "ema"):
+        raise ConfigError(f"--weights {weights}: expected raw or ema")
+    if weights == "ema":
+        if not checkpoint or not (Path(checkpoint) / "ema").is_dir():
+            raise ConfigError(
+                f"--weights ema: {checkpoint or 'no --checkpoint'} holds no ema/ folder; train with "
+                "train.ema_decay > 0 and pass its final/ folder"
+            )
+        checkpoint = Path(checkpoint) / "ema"
 
     # Seed exactly as the trainer does before building, so weights a checkpoint does not supply
     # (an untrained baseline, tiny random models) are the same in every process.

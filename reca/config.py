@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,13 +64,23 @@ class DataSource:
     path: str = _f(
         "",
         "folder of images, a .jsonl/.csv manifest (columns: image path, optional caption), "
-        "or a dataset name/dir loadable offline by datasets.load_dataset",
+        "WebDataset .tar shards (a file, a glob or a brace pattern like shards/train-{000000..000009}.tar; "
+        "columns are member extensions), or a dataset name/dir loadable offline by datasets.load_dataset",
     )
     split: str = _f("train", "dataset split (datasets and save_to_disk dicts)")
-    image_column: str = _f("image", "image column in manifests and datasets")
-    caption_column: str = _f("caption", "caption column; empty = none (reconstruction needs none)")
+    image_column: str = _f(
+        "image", "image column in manifests and datasets; for .tar shards the image's extension (jpg)"
+    )
+    caption_column: str = _f(
+        "caption",
+        "caption column; for .tar shards the caption's extension (txt); empty = none (reconstruction needs none)",
+    )
     streaming: bool = _f(False, "stream instead of indexing (datasets IterableDataset), for sets too large to index")
     min_side: int = _f(16, "images whose shorter side is below this are skipped as tiny")
+    max_samples: int = _f(0, "use only the first N rows (quick runs); 0 = all")
+    allow_outside_root: bool = _f(
+        False, "accept manifest image paths outside the manifest's folder (absolute, or with ../)"
+    )
 
 
 @dataclass
@@ -147,6 +158,14 @@ class OptimConfig:
     warmup_steps: int = _f(0, "linear warm-up steps")
     schedule: Literal["cosine", "constant", "linear"] = _f("cosine", "learning-rate schedule after warm-up")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    name: str = _f(
+        "adamw",
+        "adamw (torch), adamw8bit (bitsandbytes AdamW8bit: 8-bit optimizer states; pip install 'reca[bnb]'), or an "
+        "import path 'package.module:Class' called as Class(params, lr=, betas=, weight_decay=)",
+    )
+    scale_lr: bool = _f(
+        False, "multiply lr by processes × grad_accum × batch_size (diffusers' --scale_lr); lr is then per sample"
+    )
 
 
 @dataclass
@@ -157,6 +176,14 @@ class LoraConfig:
     dropout: float = _f(0.0, "LoRA dropout")
     target_modules: list = _f([], "peft target_modules; empty = the adapter's default_lora_targets")
     modules_to_save: list = _f([], "modules trained fully next to LoRA (peft modules_to_save)")
+    use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (peft use_dora)")
+    init: str = _f(
+        "default",
+        "peft init_lora_weights: default, gaussian, pissa, pissa_niter_<n> or olora (pissa/olora change the base "
+        "weights; reca exports the adapter converted back to plain LoRA on the original base)",
+    )
+    rank_pattern: dict = _f({}, "per-module ranks, module-name regex → r (peft rank_pattern)")
+    alpha_pattern: dict = _f({}, "per-module alphas, module-name regex → alpha (peft alpha_pattern)")
 
 
 @dataclass
@@ -195,6 +222,11 @@ class TrainConfig:
     offload_encoder: bool = _f(
         False, "keep the frozen encoder on the CPU (with a warm embedding_cache it is rarely called)"
     )
+    ema_decay: float = _f(
+        0.0,
+        "keep an exponential moving average of the trained weights (diffusers EMAModel; BAGEL uses 0.9999), saved "
+        "with checkpoints and exported to final/ema; 0 = off",
+    )
 
 
 @dataclass
@@ -202,6 +234,32 @@ class LogConfig:
     wandb: bool = _f(False, "also log to Weights & Biases (offline when no API key)")
     project: str = _f("reca", "wandb project")
     run_name: str = _f("", "wandb run name")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(0, "evaluate every N steps (and at step 0) on the main process with reca-eval's runner; 0 = off")
+    prompts: str = _f(
+        "builtin:color_rare,color_canonical",
+        "prompt set as reca-eval --prompts takes it, optionally ':tag,tag' to keep only those categories",
+    )
+    scorer: str = _f("palette", "clip, vqa, palette or an import path 'package.module:Factory' (as reca-eval score)")
+    scorer_args: dict = _f({}, "keyword arguments of the scorer (as reca-eval --scorer-arg)")
+    n_images: int = _f(2, "images per prompt")
+    seed: int = _f(0, "base seed of the evaluation images (the same images at every evaluation)")
+    batch_size: int = _f(8, "images per generate() call")
+
+
+@dataclass
+class WatchConfig:
+    recon_floor: float = _f(
+        0.0, "warn when the reconstruction loss falls below this (the model learns to copy); 0 = off"
+    )
+    max_drop: float = _f(
+        0.0, "warn when a watched category's accuracy falls more than this many points below step 0; 0 = off"
+    )
+    categories: list = _f([], "categories watched for max_drop; empty = every evaluated category")
+    stop: bool = _f(False, "stop the run when the watch fires, keeping the last checkpoint before it")
 
 
 @dataclass
@@ -215,9 +273,47 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the loop"})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "logging"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation during training"})
+    watch: WatchConfig = field(
+        default_factory=WatchConfig, metadata={"help": "collapse watch over the losses and the evaluation"}
+    )
 
 
 # --------------------------------------------------------------------------- parsing
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load keeps the last of two equal keys silently; a config must say each thing once."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"{self.name}:{key_node.start_mark.line + 1}: key '{key}' appears twice in one mapping "
+                    f"(first on line {seen[key] + 1}); keep one"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file, refusing duplicate keys; a non-UTF-8 file or invalid YAML is one line naming it."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    finally:
+        loader.dispose()
 
 
 def _type_name(tp: Any) -> str:
@@ -348,12 +444,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"--config {path}: no such file")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, overrides or [])
@@ -362,8 +453,52 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+def check_finite(obj: Any, prefix: str = "") -> None:
+    """Every float (and float in a list) of the config is finite: NaN passes every ``x > 0``-style
+    range check unnoticed (all comparisons with NaN are false)."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_finite(value, key + ".")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key}: must be a finite number, got {v}")
+
+
+def check_ranges(cfg: Config) -> None:
+    """Numbers outside the range where they mean anything, named by key."""
+    t, o, lora = cfg.train, cfg.objectives, cfg.lora
+    checks: list[tuple[bool, str]] = [
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay: must be >= 0"),
+        (cfg.optim.max_grad_norm >= 0, "optim.max_grad_norm: must be >= 0 (0 = no clipping)"),
+        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps: must be >= 0"),
+        (t.guidance_scale >= 0, "train.guidance_scale: must be >= 0"),
+        (t.log_every > 0, "train.log_every: must be > 0"),
+        (t.sample_every >= 0, "train.sample_every: must be >= 0 (0 = only at the end)"),
+        (t.sample_steps > 0, "train.sample_steps: must be > 0"),
+        (t.num_workers >= 0, "train.num_workers: must be >= 0 (0 = load in the main process)"),
+        (t.max_nonfinite > 0, "train.max_nonfinite: must be > 0"),
+        (bool(t.output_dir.strip()), "train.output_dir: must not be empty (name the folder for checkpoints and logs)"),
+        (cfg.encoder.input_size >= 0, "encoder.input_size: must be >= 0 (0 = the encoder's native size)"),
+        (0 <= lora.dropout < 1, f"lora.dropout: {lora.dropout} must be in [0, 1)"),
+        (not (lora.enabled and lora.alpha <= 0), "lora.alpha: must be > 0 when lora.enabled is true"),
+    ]
+    for name in OBJECTIVES:
+        obj = getattr(o, name)
+        checks.append((obj.weight >= 0, f"objectives.{name}.weight: must be >= 0"))
+        checks.append((obj.data.min_side >= 0, f"objectives.{name}.data.min_side: must be >= 0"))
+    resolution = cfg.model.args.get("resolution")
+    if isinstance(resolution, int) and not isinstance(resolution, bool):
+        checks.append((resolution > 0, f"model.args.resolution: {resolution} must be > 0"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
 def validate(cfg: Config) -> None:
     """Contradictions and out-of-range values that a type check cannot see."""
+    check_finite(cfg)
+    check_ranges(cfg)
     t, o = cfg.train, cfg.objectives
     checks: list[tuple[bool, str]] = [
         (t.max_steps > 0, "train.max_steps: must be > 0"),
@@ -401,6 +536,7 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    validate_features(cfg)
     active = active_objectives(o)
     if not active:
         raise ConfigError("objectives: every share is 0; give objectives.recon.share (or t2i/i2t) a value > 0")
@@ -422,6 +558,51 @@ def validate(cfg: Config) -> None:
                 f"objectives.{name}.share: {active[name].share} of train.batch_size={t.batch_size} rounds to 0 "
                 "samples; raise the batch size or the share"
             )
+
+
+def validate_features(cfg: Config) -> None:
+    """``eval``, ``watch``, EMA: what they need from each other and from the mixture."""
+    e, w = cfg.eval, cfg.watch
+    checks: list[tuple[bool, str]] = [
+        (
+            cfg.optim.name in ("adamw", "adamw8bit") or ":" in cfg.optim.name,
+            f"optim.name: '{cfg.optim.name}' is not adamw, adamw8bit or an import path 'package.module:Class'",
+        ),
+        (
+            all(getattr(cfg.objectives, n).data.max_samples >= 0 for n in OBJECTIVES),
+            "objectives.<name>.data.max_samples: must be >= 0 (0 = all)",
+        ),
+        (0 <= cfg.train.ema_decay < 1, "train.ema_decay: must be in [0, 1), e.g. 0.9999 (0 = off)"),
+        (
+            cfg.lora.init in ("default", "gaussian", "pissa", "olora")
+            or (cfg.lora.init.startswith("pissa_niter_") and cfg.lora.init.removeprefix("pissa_niter_").isdigit()),
+            f"lora.init: '{cfg.lora.init}' is not one of default, gaussian, pissa, pissa_niter_<n>, olora",
+        ),
+        (
+            all(isinstance(v, int) and v > 0 for v in cfg.lora.rank_pattern.values()),
+            "lora.rank_pattern: ranks must be integers > 0, e.g. {'lm\\..*': 8}",
+        ),
+        (e.every >= 0, "eval.every: must be >= 0 (0 = off)"),
+        (e.n_images > 0 and e.batch_size > 0, "eval.n_images and eval.batch_size: must be > 0"),
+        (w.recon_floor >= 0, "watch.recon_floor: must be >= 0 (0 = off)"),
+        (0 <= w.max_drop <= 100, "watch.max_drop: points of accuracy, in [0, 100] (0 = off)"),
+        (
+            not (w.max_drop > 0 and e.every == 0),
+            "watch.max_drop: needs the evaluation during training; set eval.every > 0",
+        ),
+        (
+            not (w.recon_floor > 0 and cfg.objectives.recon.share == 0),
+            "watch.recon_floor: reconstruction is off (objectives.recon.share=0); set the floor to 0",
+        ),
+        (not (w.categories and w.max_drop == 0), "watch.categories: only read with watch.max_drop > 0"),
+        (
+            not (w.stop and w.recon_floor == 0 and w.max_drop == 0),
+            "watch.stop: nothing is watched; set watch.recon_floor or watch.max_drop",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def active_objectives(o: ObjectivesConfig) -> dict[str, ObjectiveConfig]:

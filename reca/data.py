@@ -1,4 +1,4 @@
-"""Data: image folders, jsonl/csv manifests and Hugging Face datasets, read through ``datasets``.
+"""Data: image folders, jsonl/csv manifests, WebDataset shards and Hugging Face datasets, read through ``datasets``.
 
 Images stay undecoded (paths or bytes) until a batch is assembled, so a broken file can only ever
 be skipped, never crash a run. Skips (missing, undecodable, tiny, no_caption) and conversions
@@ -12,10 +12,14 @@ world size): loader workers and resumption change how it is computed, never what
 
 from __future__ import annotations
 
+import codecs
+import glob
 import io
 import itertools
 import logging
 import math
+import re
+import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -23,9 +27,10 @@ import datasets
 import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from datasets.packaged_modules.webdataset.webdataset import base_plus_ext
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from reca.config import DataSource
+from reca.config import ConfigError, DataSource
 
 log = logging.getLogger("reca.data")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -33,6 +38,13 @@ SHUFFLE_BUFFER = 1000  # streaming shuffle window: datasets' default, enough to 
 STREAM_SKIP_LIMIT = 100_000  # unusable rows in a row before a stream of unknown size is called empty
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 GRAY_MODES = {"1", "L", "LA", "La", "I", "F"}  # plus every "I;16…" variant
+# Pillow's own default decompression-bomb limit, applied per image here (Image.MAX_IMAGE_PIXELS is
+# process-wide and only warns between 1× and 2× of it): a larger image is skipped as too_large.
+MAX_PIXELS = 89_478_485
+
+
+class NoUsableData(ConfigError):
+    """A data source with nothing to train on (empty, or every image unusable)."""
 
 
 # ----------------------------------------------------------------------------------- opening
@@ -45,24 +57,45 @@ def open_source(
     path = Path(src.path).expanduser()
     if not src.path:
         raise FileNotFoundError(
-            f"{key}.path is empty: set a folder of images, a .jsonl/.csv manifest or a dataset name"
+            f"{key}.path is empty: set a folder of images, a .jsonl/.csv manifest, .tar shards or a dataset name"
         )
-    if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):  # save_to_disk
+    if src.path.endswith(".tar"):  # one shard, a glob or a brace pattern of WebDataset shards
+        ds = _open_shards(src, key, need_captions)
+    elif path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):  # save_to_disk
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if src.split not in ds:
-                raise ValueError(f"{key}.split: no split '{src.split}' in {path} (splits: {', '.join(ds)})")
+                raise ConfigError(f"{key}.split: no split '{src.split}' in {path} (splits: {', '.join(ds)})")
             ds = ds[src.split]
         ds = ds.to_iterable_dataset() if src.streaming else ds
     elif path.suffix in (".jsonl", ".csv"):
         if not path.is_file():
             raise FileNotFoundError(f"{key}.path: no such manifest {path}")
-        ds = datasets.load_dataset(
-            "json" if path.suffix == ".jsonl" else "csv", data_files=str(path), split="train", streaming=src.streaming
-        )
+        _require_utf8(path, key)
+        if not _has_content(path):
+            raise NoUsableData(f"{key}.path: {path} holds no examples (the manifest is empty)")
+        try:
+            ds = datasets.load_dataset(
+                "json" if path.suffix == ".jsonl" else "csv",
+                data_files=str(path),
+                split="train",
+                streaming=src.streaming,
+            )
+        except datasets.exceptions.DatasetGenerationError as e:
+            cause = e.__cause__ or e
+            raise ConfigError(f"{key}.path: cannot read manifest {path} ({str(cause).splitlines()[0]})") from None
         _require_columns(ds, src, key, need_captions)
+        root = str(path.parent.resolve())
+        if not src.allow_outside_root and not src.streaming:
+            outside = sum(_outside(v, root) for v in ds[src.image_column])
+            if outside:
+                raise ConfigError(
+                    f"{key}.allow_outside_root: {outside} image path(s) in {path} are absolute or leave its folder "
+                    f"(../); move the images under {path.parent} or set {key}.allow_outside_root=true"
+                )
         # relative image paths are relative to the manifest, not to wherever training was launched
-        ds = ds.map(_resolve, fn_kwargs={"column": src.image_column, "root": str(path.parent.resolve())})
+        fn_kwargs = {"column": src.image_column, "root": root, "allow_outside": src.allow_outside_root, "key": key}
+        ds = ds.map(_resolve, fn_kwargs=fn_kwargs)
     elif path.is_dir() and (files := sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)):
         # A plain listing rather than the imagefolder builder: nothing is opened, so a broken file
         # is met (and counted) only when its batch is assembled.
@@ -77,7 +110,119 @@ def open_source(
                 f"loadable offline ({str(e).splitlines()[0]})"
             ) from None
     _require_columns(ds, src, key, need_captions)
+    if not isinstance(ds, datasets.IterableDataset) and len(ds) == 0:
+        raise NoUsableData(f"{key}.path: {src.path} holds no examples")
     return _undecoded(ds, src.image_column)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Every name a brace pattern stands for, as the shell (and webdataset's braceexpand) spell it:
+    ``{000..002}`` is a range (zero padding kept when a bound is padded), ``{a,b}`` a list; groups
+    expand left to right. A brace group with neither ``,`` nor ``..`` is literal text."""
+    m = re.search(r"\{([^{}]*(?:,|\.\.)[^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
+    if r := re.fullmatch(r"(\d+)\.\.(\d+)", body):
+        lo, hi = r.group(1), r.group(2)
+        width = (
+            max(len(lo), len(hi)) if (lo.startswith("0") and len(lo) > 1) or (hi.startswith("0") and len(hi) > 1) else 0
+        )
+        step = 1 if int(lo) <= int(hi) else -1
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    else:
+        items = body.split(",")
+    out = [name for item in items for name in expand_braces(head + item + tail)]
+    return list(dict.fromkeys(out))  # nested groups ({a,{b,c}}) expand innermost first: drop repeats
+
+
+def shard_files(pattern: str, key: str = "data") -> list[str]:
+    """The ``.tar`` files a path, glob or brace pattern names, in pattern order (globs sorted).
+    Every part must match a file: a shard silently left out would be a silently smaller dataset."""
+    files, unmatched = [], []
+    for part in expand_braces(str(Path(pattern).expanduser())):
+        found = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part] if Path(part).is_file() else []
+        files.extend(found) if found else unmatched.append(part)
+    if unmatched:
+        more = f" (and {len(unmatched) - 1} more)" if len(unmatched) > 1 else ""
+        raise FileNotFoundError(f"{key}.path: no shard matches {unmatched[0]}{more}")
+    return list(dict.fromkeys(files))
+
+
+def _member_keys(shard: str, key: str, limit: int = 1000) -> list[str]:
+    """The member extensions (webdataset's column names: ``jpg``, ``txt``…) among a shard's first members."""
+    try:
+        with tarfile.open(shard) as tar:
+            names = [m.name for m in itertools.islice(tar, limit) if m.isfile()]
+    except (tarfile.TarError, OSError) as e:
+        raise ConfigError(f"{key}.path: {shard} is not a readable tar archive ({e})") from None
+    return list(dict.fromkeys(ext for _, ext in map(base_plus_ext, names) if ext))
+
+
+def _open_shards(src: DataSource, key: str, need_captions: bool) -> datasets.Dataset | datasets.IterableDataset:
+    """WebDataset shards through ``datasets``' webdataset loader. Its columns are the member extensions.
+
+    The features are given rather than inferred: inference reads the first five samples and fails
+    unless they all have the same members (a sample without caption or image is common), and the
+    image stays undecoded bytes (``Image(decode=False)``) so a broken one is skipped, not fatal.
+    Members other than the image and caption columns are dropped.
+    """
+    files = shard_files(src.path, key)
+    members = _member_keys(files[0], key)
+    found = ", ".join(members) or "none"
+    if src.image_column not in members or "." + src.image_column.rsplit(".", 1)[-1].lower() not in IMAGE_SUFFIXES:
+        raise ConfigError(
+            f"{key}.image_column: '{src.image_column}' is not an image member of {files[0]} (members: {found}); "
+            f"for shards name the image's extension, e.g. {key}.image_column=jpg"
+        )
+    features = {src.image_column: datasets.Image(decode=False), "__key__": datasets.Value("string")}
+    if need_captions:
+        if src.caption_column not in members or src.caption_column.rsplit(".", 1)[-1] not in ("txt", "text"):
+            raise ConfigError(
+                f"{key}.caption_column: this objective needs captions but '{src.caption_column}' is not a text "
+                f"member of {files[0]} (members: {found}); for shards name the caption's extension, e.g. "
+                f"{key}.caption_column=txt"
+            )
+        features[src.caption_column] = datasets.Value("string")
+    try:
+        return datasets.load_dataset(
+            "webdataset",
+            data_files=files,
+            split="train",
+            streaming=src.streaming,
+            features=datasets.Features(features),
+        )
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"{key}.path: cannot read shards {src.path} ({str(cause).splitlines()[0]})") from None
+
+
+def _has_content(path: Path) -> bool:
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):
+            if block.strip():
+                return True
+    return False
+
+
+def _require_utf8(path: Path, key: str) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{key}.path: {path} is not UTF-8 text (byte {offset + e.start})") from None
+            offset += len(block)
+
+
+def _outside(value: Any, root: str) -> bool:
+    """Does a manifest's image path leave the manifest's folder (absolute, or through ``..``)?"""
+    if not isinstance(value, str) or not value:
+        return False
+    p = Path(value)
+    return p.is_absolute() or not (Path(root) / p).resolve().is_relative_to(root)
 
 
 def _columns(ds: datasets.Dataset | datasets.IterableDataset) -> list[str]:
@@ -90,18 +235,23 @@ def _columns(ds: datasets.Dataset | datasets.IterableDataset) -> list[str]:
 def _require_columns(ds, src: DataSource, key: str, need_captions: bool) -> None:
     columns = _columns(ds)
     if src.image_column not in columns:
-        raise ValueError(
+        raise ConfigError(
             f"{key}.image_column: '{src.image_column}' is not a column of {src.path} (columns: {', '.join(columns)})"
         )
     if need_captions and (not src.caption_column or src.caption_column not in columns):
-        raise ValueError(
+        raise ConfigError(
             f"{key}.caption_column: this objective needs captions but '{src.caption_column}' is not a column "
             f"of {src.path} (columns: {', '.join(columns)})"
         )
 
 
-def _resolve(row: dict, column: str, root: str) -> dict:
+def _resolve(row: dict, column: str, root: str, allow_outside: bool = True, key: str = "data") -> dict:
     value = row[column]
+    if not allow_outside and _outside(value, root):  # streamed manifests are checked row by row
+        raise ConfigError(
+            f"{key}.allow_outside_root: image path {value!r} is absolute or leaves the manifest's folder; "
+            f"set {key}.allow_outside_root=true to allow it"
+        )
     return {
         column: str(Path(root) / value) if isinstance(value, str) and value and not Path(value).is_absolute() else value
     }
@@ -121,8 +271,8 @@ def _undecoded(ds, column: str):
 def load_image(value: Any, min_side: int = 16) -> tuple[Image.Image | None, str | None]:
     """An RGB image and ``None`` or ``"converted:<kind>[,<kind>…]"``, or ``(None, reason)`` with reason
     one of ``missing``, ``undecodable``, ``tiny``. Never raises for a bad image."""
-    # Pillow's global switch: with it on, a truncated file decodes with a grey bottom instead of failing
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    # Pillow's global ImageFile.LOAD_TRUNCATED_IMAGES, when a user turns it on, decodes a truncated
+    # file with a grey bottom; reca never changes it for the process, it checks the decode instead
     try:
         if isinstance(value, Image.Image):
             return _finish(value, min_side)
@@ -131,11 +281,15 @@ def load_image(value: Any, min_side: int = 16) -> tuple[Image.Image | None, str 
         if not value:
             return None, "missing"
         with Image.open(value) as image:
+            if image.size[0] * image.size[1] > MAX_PIXELS:  # known from the header, before decoding
+                return None, "too_large"
             image.load()  # the full decode: header-only checks miss truncation
             return _finish(image, min_side)
     except FileNotFoundError:
         return None, "missing"
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        return None, "too_large"
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError):
         return None, "undecodable"
 
 
@@ -244,7 +398,9 @@ def _row(ds, item: Any) -> dict:
     return item if isinstance(item, dict) else ds[item]
 
 
-def _start_position(ds, usable: int, seed: int, rank: int, world: int, decode: Callable[[dict], bool]) -> int:
+def _start_position(
+    ds, usable: int, seed: int, rank: int, world: int, decode: Callable[[dict], bool], key: str = "data"
+) -> int:
     """The position just after this rank's ``usable``-th usable image: where a resumed stream starts.
 
     Exact rather than fast: which images are usable is known only by decoding them, so resuming
@@ -261,7 +417,7 @@ def _start_position(ds, usable: int, seed: int, rank: int, world: int, decode: C
             if usable == 0:
                 return position
             if run >= STREAM_SKIP_LIMIT:
-                raise RuntimeError(f"no usable image in {run} consecutive examples")
+                raise NoUsableData(f"{key}.path: no usable image in {run} consecutive examples")
     n = len(ds)
     valid = np.full(n, -1, np.int8)  # -1 unknown, 0 unusable, 1 usable
     position, run = 0, 0
@@ -279,8 +435,9 @@ def _start_position(ds, usable: int, seed: int, rank: int, world: int, decode: C
                 if usable == 0:
                     return position
         if run >= n:
-            raise RuntimeError(
-                f"no usable image in {n} consecutive examples: every image is missing, undecodable, tiny or uncaptioned"
+            raise NoUsableData(
+                f"{key}.path: no usable image in {n} consecutive examples: every image is missing, undecodable, "
+                "tiny, too large or uncaptioned"
             )
     raise AssertionError("unreachable: epochs are endless")
 
@@ -342,6 +499,7 @@ def batches(
     num_workers: int = 0,
     image_column: str = "image",
     min_side: int = 16,
+    key: str = "data",
 ) -> Iterator[dict]:
     """Endless batches of exactly ``batch_size`` usable images: ``transform``'s tensors stacked,
     ``caption`` (when ``caption_column``), and the ``skipped`` / ``converted`` counts met while
@@ -355,7 +513,7 @@ def batches(
     def usable(row: dict) -> bool:
         return _decode(row, image_column, caption_column, min_side)[0] is not None
 
-    start = _start_position(ds, start_batch * batch_size, seed, rank, world_size, usable)
+    start = _start_position(ds, start_batch * batch_size, seed, rank, world_size, usable, key)
     samples = _Samples(ds, transform, caption_column, image_column, min_side, seed, rank, world_size, start, batch_size)
     # batch_size=None: chunks pass through as made; collate would only repack them
     loader = torch.utils.data.DataLoader(samples, batch_size=None, num_workers=num_workers, collate_fn=_identity)
@@ -377,8 +535,9 @@ def batches(
                     log.warning("skipping %s image %s (further %s images are counted, not logged)", note, where, note)
                 run += 1
                 if run >= limit:
-                    raise RuntimeError(
-                        f"no usable image in {run} consecutive examples (skipped so far in this batch: {skipped})"
+                    raise NoUsableData(
+                        f"{key}.path: no usable image in {run} consecutive examples (skipped so far in this batch: "
+                        f"{skipped})"
                     )
                 continue
             run = 0

@@ -118,6 +118,11 @@ def _open_clip(cfg: EncoderConfig) -> FrozenEncoder:
     pp = visual.preprocess_cfg
     size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
     layers = _num_layers(visual)
+    if not -layers <= cfg.layer < layers:  # a modulo would silently wrap 12 to 0 on a 12-block model
+        raise ConfigError(
+            f"encoder.layer: {cfg.layer} is out of range for {cfg.name} with {layers} blocks "
+            f"(use {-layers}..{layers - 1}; -2 = penultimate)"
+        )
     index = cfg.layer % layers  # forward_intermediates counts blocks from 0
     is_siglip = "siglip" in cfg.name.lower()
     keep_prefix = not _drop_cls(cfg, is_siglip)
@@ -198,6 +203,12 @@ def _hf(cfg: EncoderConfig) -> FrozenEncoder:
     import transformers
 
     model = _load_hf_vision(cfg, transformers)
+    depth = model.config.num_hidden_layers  # hidden_states has depth + 1 entries (0 = embeddings)
+    if not -(depth + 1) <= cfg.layer <= depth:
+        raise ConfigError(
+            f"encoder.layer: {cfg.layer} is out of range for {cfg.name} with {depth} layers "
+            f"(use {-(depth + 1)}..{depth}; -2 = penultimate)"
+        )
     size = cfg.input_size or model.config.image_size
     is_siglip = "siglip" in model.config.model_type
     drop = _drop_cls(cfg, is_siglip)

@@ -23,6 +23,7 @@ STREAMS: dict[str, int] = {
     "noise": 0,  # the diffusion / flow noise of a sample (and an image's sampling noise)
     "timestep": 1,  # the training noise level σ
     "cond_dropout": 2,  # whether the condition is dropped for classifier-free guidance
+    "mask": 3,  # which tokens are masked, and in what order (masked generation: MAR / Harmon)
     "instruction": 0,  # the reconstruction instruction (a Python RNG, independent of torch's)
 }
 _PRIME = 1_000_003

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import tarfile
 from pathlib import Path
 
 import datasets
@@ -13,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from reca.data import DataSource, batches, load_image, open_source
+from reca.config import ConfigError
+from reca.data import DataSource, NoUsableData, batches, expand_braces, load_image, open_source, shard_files
 
 
 @pytest.fixture(autouse=True)
@@ -177,7 +180,7 @@ def test_everything_bad_raises_instead_of_hanging(tmp_path, monkeypatch) -> None
     for streaming in (False, True):
         ds = open_source(DataSource(path=str(tmp_path), streaming=streaming), need_captions=False)
         for start in (0, 2):
-            with pytest.raises(RuntimeError, match="no usable image"):
+            with pytest.raises(NoUsableData, match="no usable image"):
                 next(stream(ds, caption_column=None, start_batch=start))
 
 
@@ -220,6 +223,9 @@ def test_manifests_resolve_paths_and_read_captions(tmp_path) -> None:
         w.writerows([[f"../{n}", f"caption {Path(n).stem}"] for n in names])
         w.writerow([f"../{names[0]}", ""])  # a row without a caption
     src = DataSource(path=str(sub / "pool.csv"), image_column="file", caption_column="text")
+    with pytest.raises(ConfigError, match=r"^data.i2t.allow_outside_root: 7 image path\(s\) .* leave its folder"):
+        open_source(src, need_captions=True, key="data.i2t")  # ../ leaves the manifest's folder: refused, counted
+    src.allow_outside_root = True
     ds = open_source(src, need_captions=True, key="data.i2t")
     b = next(stream(ds, batch_size=6, caption_column="text", image_column="file"))
     assert sorted(b["caption"]) == sorted(f"caption i{i}" for i in range(6))
@@ -348,3 +354,134 @@ def test_streaming_manifest(tmp_path) -> None:
         open_source(
             DataSource(path=str(manifest), streaming=True, caption_column="text"), need_captions=True, key="data.t2i"
         )
+
+
+# ------------------------------------------------------------------------------ WebDataset shards
+
+
+def test_brace_patterns_expand_like_the_shell(tmp_path) -> None:
+    assert expand_braces("s/train-{000000..000002}.tar") == [f"s/train-00000{i}.tar" for i in range(3)]
+    assert expand_braces("{a,b}-{9..11}.tar") == ["a-9.tar", "a-10.tar", "a-11.tar", "b-9.tar", "b-10.tar", "b-11.tar"]
+    assert expand_braces("{3..1}.tar") == ["3.tar", "2.tar", "1.tar"]
+    assert expand_braces("x-{a,{b,c}}.tar") == ["x-a.tar", "x-b.tar", "x-c.tar"]
+    assert expand_braces("lit{x}.tar") == ["lit{x}.tar"]
+    for i in (0, 1, 2):
+        (tmp_path / f"t-{i}.tar").write_bytes(b"")
+    assert shard_files(str(tmp_path / "t-{0..2}.tar")) == [str(tmp_path / f"t-{i}.tar") for i in range(3)]
+    assert shard_files(str(tmp_path / "t-*.tar")) == [str(tmp_path / f"t-{i}.tar") for i in range(3)]
+    with pytest.raises(FileNotFoundError, match=r"^objectives\.recon\.data\.path: no shard matches .*t-3\.tar$"):
+        shard_files(str(tmp_path / "t-{0..3}.tar"), key="objectives.recon.data")  # one shard short is an error
+    with pytest.raises(FileNotFoundError, match=r"no shard matches .*u-\*\.tar$"):
+        shard_files(str(tmp_path / "u-*.tar"))
+
+
+def _png(size: int = 16, colour=(10, 20, 30), mode: str = "RGB") -> bytes:
+    b = io.BytesIO()
+    Image.new(mode, (size, size), colour if mode == "RGB" else colour[0]).save(b, "PNG")
+    return b.getvalue()
+
+
+def write_shards(root: Path, good: int = 12, odd: bool = True) -> str:
+    """``good`` captioned images g0… over three shards (g11 grayscale, g0 with extra json and cls
+    members); with ``odd``, shard 0 opens with an undecodable image, an uncaptioned image, a tiny
+    image and a sample whose image is missing (so its first samples do not share members)."""
+    samples: list[list[tuple[str, dict[str, bytes]]]] = [[], [], []]
+    if odd:
+        samples[0] += [
+            ("bad", {"png": b"not a png", "txt": b"bad"}),
+            ("nocap", {"png": _png()}),
+            ("tiny", {"png": _png(size=4), "txt": b"tiny"}),
+            ("noimg", {"txt": b"noimg", "json": b'{"a": 1}'}),
+        ]
+    for i in range(good):
+        members = {"png": _png(colour=(20 * i, 7 * i, 255 - 20 * i), mode="L" if i == 11 else "RGB")}
+        members["txt"] = f"g{i}".encode()
+        if i == 0:
+            members |= {"json": b'{"source": "x"}', "cls": b"3"}
+        samples[i % 3].append((f"g{i:02d}", members))
+    d = root / "shards"
+    d.mkdir()
+    for s, items in enumerate(samples):
+        with tarfile.open(d / f"train-{s:06d}.tar", "w") as tar:
+            for name, members in items:
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{name}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(d / "train-{000000..000002}.tar")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_webdataset_shards_skip_count_and_resume(tmp_path, streaming) -> None:
+    src = DataSource(path=write_shards(tmp_path), image_column="png", caption_column="txt", streaming=streaming)
+    ds = open_source(src, need_captions=True)
+    assert isinstance(ds, datasets.IterableDataset) == streaming
+    one = take(stream(ds, batch_size=12, caption_column="txt", image_column="png"), 2)
+    assert sorted(one[0]["caption"]) == sorted(f"g{i}" for i in range(12))  # 16 samples, 12 usable
+    reasons = set(one[0]["skipped"]) | set(one[1]["skipped"])
+    skipped = {k: one[0]["skipped"].get(k, 0) + one[1]["skipped"].get(k, 0) for k in reasons}
+    assert set(skipped) == {"undecodable", "no_caption", "tiny", "missing"} and set(skipped.values()) <= {1, 2}
+    assert one[0]["converted"] == {"grayscale": 1}
+    full = take(stream(ds, seed=5, caption_column="txt", image_column="png"), 10)
+    assert sum(sum(b["skipped"].values()) for b in full) >= 4
+    for k in (1, 3, 4, 7):
+        resumed = take(stream(ds, seed=5, caption_column="txt", image_column="png", start_batch=k), 10 - k)
+        same_batches(resumed, full[k:])
+    # a glob and a single shard open the same way
+    assert not streaming or isinstance(open_source(src, need_captions=True), datasets.IterableDataset)
+    glob_src = DataSource(path=str(tmp_path / "shards" / "*.tar"), image_column="png", caption_column="txt")
+    assert len(open_source(glob_src, need_captions=True)) == 16
+    single = DataSource(path=str(tmp_path / "shards" / "train-000001.tar"), image_column="png", caption_column="")
+    assert len(open_source(single, need_captions=False)) == 4
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_webdataset_ranks_are_disjoint_and_cover(tmp_path, streaming) -> None:
+    src = DataSource(path=write_shards(tmp_path, odd=False), image_column="png", caption_column="txt")
+    src.streaming = streaming
+    ds = open_source(src, need_captions=True)
+    for world in (2, 3):  # 3 shards: split by example over 2 ranks, by shard over 3
+        seen = [
+            [
+                c
+                for b in take(
+                    stream(ds, batch_size=2, caption_column="txt", image_column="png", rank=r, world_size=world),
+                    12 // world // 2,
+                )
+                for c in b["caption"]
+            ]
+            for r in range(world)
+        ]
+        assert sum(len(s) for s in seen) == 12 and sorted(c for s in seen for c in s) == sorted(
+            f"g{i}" for i in range(12)
+        )
+
+
+def test_webdataset_columns_and_patterns_name_the_key(tmp_path) -> None:
+    pattern = write_shards(tmp_path)
+    key = "objectives.t2i.data"
+    with pytest.raises(
+        ConfigError,
+        match=r"^objectives\.t2i\.data\.image_column: 'image' is not an image member .*png, txt.*image_column=jpg",
+    ):
+        open_source(DataSource(path=pattern), need_captions=True, key=key)
+    with pytest.raises(ConfigError, match=r"^objectives\.t2i\.data\.image_column: 'txt'"):
+        open_source(DataSource(path=pattern, image_column="txt"), need_captions=False, key=key)
+    with pytest.raises(ConfigError, match=r"^objectives\.t2i\.data\.caption_column: .*'caption'.*caption_column=txt"):
+        open_source(DataSource(path=pattern, image_column="png"), need_captions=True, key=key)
+    with pytest.raises(FileNotFoundError, match=r"^objectives\.t2i\.data\.path: no shard matches .*valid-000000\.tar"):
+        open_source(
+            DataSource(path=pattern.replace("train", "valid"), image_column="png"), need_captions=False, key=key
+        )
+    (tmp_path / "junk.tar").write_text("not a tar")
+    with pytest.raises(ConfigError, match=r"^objectives\.t2i\.data\.path: .*junk\.tar is not a readable tar archive"):
+        open_source(DataSource(path=str(tmp_path / "junk.tar"), image_column="png"), need_captions=False, key=key)
+    # members the loader itself decodes (txt as UTF-8, json) fail at open in one line, naming the shards
+    with tarfile.open(tmp_path / "latin1.tar", "w") as tar:
+        for name, data in (("a.png", _png()), ("a.txt", b"caf\xe9")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ConfigError, match=r"^objectives\.t2i\.data\.path: cannot read shards .*latin1\.tar \('utf-8'"):
+        src = DataSource(path=str(tmp_path / "latin1.tar"), image_column="png", caption_column="txt")
+        open_source(src, need_captions=True, key=key)

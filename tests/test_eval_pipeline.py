@@ -329,9 +329,12 @@ def test_results_do_not_depend_on_listing_order(runs, tmp_path, monkeypatch):
 def test_geneval_folder_without_manifest_is_scored(runs, tmp_path):
     run = copy_run(runs["before"], tmp_path / "foreign")
     (run / "manifest.json").unlink()
-    (run / "00001" / "samples" / "0001.png").unlink()  # without a manifest, the images present count
+    # without a manifest, the images from 0000 up to the first gap count; nothing else in samples/ does
+    (run / "00001" / "samples" / f"{N - 1:04d}.png").unlink()
+    shutil.copy(run / "00000" / "samples" / "0000.png", run / "00000" / "samples" / "0000 (copy).png")
     res = score_run(run, PaletteScorer(), n_boot=50)
     assert res["overall"]["n_images"] == len(COLOUR_PROMPTS) * N - 1
+    assert res["ignored_files"] == ["00000/samples/0000 (copy).png"]
 
 
 def test_bad_scorer_output_is_rejected(runs, tmp_path):

@@ -159,8 +159,10 @@ def test_load_prompts_dispatch(tmp_path):
     assert load_prompts(t)[0].tag == "texture"
     with pytest.raises(EvalError, match="missing T2I-CompBench"):
         load_prompts(tmp_path)  # a dir without the three files
+    with pytest.raises(EvalError, match="no such DPG-Bench file"):
+        load_prompts(tmp_path / "prompts.csv")  # .csv is DPG-Bench's format
     with pytest.raises(EvalError, match="expected 'builtin'"):
-        load_prompts(tmp_path / "prompts.csv")
+        load_prompts(tmp_path / "prompts.parquet")
 
 
 def test_digest_identifies_content_not_order():

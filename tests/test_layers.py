@@ -21,18 +21,19 @@ LAYERS: list[list[str]] = [
     ["reca.seeds", "reca.images"],
     ["reca.data", "reca.encoders", "reca.flow"],
     ["reca.adapter"],
-    ["reca.models.common", "reca.models.tokenizer"],
+    ["reca.models.common", "reca.models.tokenizer", "reca.models.mar"],  # mar: pure torch modules under harmon
     ["reca.models.*"],
     ["reca.objectives", "reca.cache"],
     ["reca.build"],
-    ["reca.samples", "reca.checkpoint"],
+    ["reca.samples", "reca.checkpoint", "reca.monitor", "reca.card"],
     ["reca.trainer"],
     ["reca.merge"],
     # the evaluation suite: above the whole library
     ["eval.prompts", "eval.stats"],
+    ["eval.dpg"],
     ["eval.entropy", "eval.scorers", "eval.runner"],
     ["eval.report", "eval.probe"],
-    ["eval.cli"],
+    ["eval.cli", "eval.during"],
     # the demo application: above evaluation
     ["demo.world", "demo.seeds"],
     ["demo.scorer", "demo.encoder"],

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from reca.adapter import Condition, UMMAdapter
 from reca.config import help_lines, load_config
@@ -85,13 +86,22 @@ def test_adapter_example_trains_through_reca(tmp_path: Path, toy_data: Path, mon
     from my_umm import MyUMM, MyUMMConfig
 
     again = MyUMM.from_config(
-        MyUMMConfig(semantic_dim=encoder.width, width=32, resolution=16, weights=str(tmp_path / "out/final/my_umm.pt"))
+        MyUMMConfig(semantic_dim=encoder.width, width=32, resolution=16, pretrained=str(tmp_path / "out/final"))
     )
     sem = torch.randn(1, 4, encoder.width)
     cond = Condition(semantic=sem, instructions=["Reconstruct."])
     a = adapter.generate(cond, seeds=[0], num_steps=4)[0]
     b = again.generate(cond, seeds=[0], num_steps=4)[0]
     assert a.size == (16, 16) and a.tobytes() == b.tobytes()
+    # and final/ is evaluated as it is: train -> final/ -> reca-eval generate --checkpoint final
+    from eval.cli import main as eval_main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"tag": "colors", "prompt": "a red car", "include": [{"class": "car"}]}) + "\n")
+    out = tmp_path / "eval"
+    argv = ["generate", "--checkpoint", str(tmp_path / "out/final"), "--prompts", str(prompts), "--out", str(out)]
+    assert eval_main([*argv, "--n", "1", "--steps", "2", "--device", "cpu"]) == 0
+    assert Image.open(out / "00000/samples/0000.png").size == (16, 16)
 
 
 def test_readme_shows_the_example_file() -> None:

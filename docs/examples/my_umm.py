@@ -7,13 +7,15 @@ yourself on the toy data (from the repository root):
     PYTHONPATH=docs/examples accelerate launch train.py --config docs/examples/my_umm.yaml
 """
 
+import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from reca.adapter import Condition
@@ -26,7 +28,7 @@ class MyUMMConfig:  # every field is a YAML key under model.args
     semantic_dim: int = 0  # filled in from the frozen encoder
     width: int = 64
     resolution: int = 16
-    weights: str = ""  # a file written by save_pretrained; empty = random init
+    pretrained: str = ""  # a folder written by save_pretrained; empty = random init
 
 
 class MyUMM(nn.Module):
@@ -48,13 +50,19 @@ class MyUMM(nn.Module):
     @classmethod
     def from_config(cls, args: MyUMMConfig) -> "MyUMM":
         model = cls(args)
-        if args.weights:
-            model.load_state_dict(torch.load(args.weights))
+        if args.pretrained:  # safetensors: loading weights never runs code (a pickle could)
+            model.load_state_dict(load_file(os.path.join(args.pretrained, "my_umm.safetensors")))
         return model
 
     def save_pretrained(self, path) -> None:
+        """reca's convention: weights plus reca_adapter.json naming the class and its args; reca
+        rebuilds the model from that file with ``pretrained`` set to the folder. ``path`` is a
+        temporary folder renamed to final/ afterwards, so nothing saved may hold its absolute path."""
         os.makedirs(path, exist_ok=True)
-        torch.save(self.state_dict(), os.path.join(path, "my_umm.pt"))
+        save_file(self.state_dict(), os.path.join(path, "my_umm.safetensors"))
+        args = {**asdict(self.cfg), "pretrained": ""}
+        with open(os.path.join(path, "reca_adapter.json"), "w") as f:
+            json.dump({"adapter": f"{type(self).__module__}:{type(self).__name__}", "args": args}, f)
 
     def _bytes(self, texts: Sequence[str]) -> torch.Tensor:
         return self.text(*self._bag(texts))

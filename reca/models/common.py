@@ -69,3 +69,19 @@ def sequence_nll(logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     over samples. Unlike one token mean over the batch, it does not depend on how a batch is split
     across processes or micro-batches (two-process DDP reproduces one process)."""
     return (-(logp * valid).sum(1) / valid.sum(1)).mean()
+
+
+def answer_sequences(embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """A right-padded teacher-forced batch (:func:`right_pad`) → per sample its unpadded sequence
+    and the prompt length (the first answer position), as ``Traceable.hidden_states`` reports them."""
+    return [(embeds[i, : int(mask[i].sum())], int((labels[i] != IGNORE).nonzero()[0])) for i in range(len(embeds))]
+
+
+def layer_states(lm: torch.nn.Module, seqs: Sequence[tuple[torch.Tensor, int]]) -> list[tuple[list[torch.Tensor], int]]:
+    """Every layer's hidden states ``(T, d)`` (embeddings first) of each sequence, with its prompt
+    length. One sequence at a time, so no padding enters the states the entropy probe measures."""
+    out = []
+    for seq, prompt_len in seqs:
+        states = lm(inputs_embeds=seq[None], output_hidden_states=True).hidden_states
+        out.append(([h[0].float().cpu() for h in states], prompt_len))
+    return out

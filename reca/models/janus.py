@@ -44,7 +44,16 @@ from torch import nn
 from reca.adapter import Condition
 from reca.config import ConfigError
 from reca.images import to_pil
-from reca.models.common import IGNORE, answer_logprobs, left_pad, position_ids, right_pad, sequence_nll
+from reca.models.common import (
+    IGNORE,
+    answer_logprobs,
+    answer_sequences,
+    layer_states,
+    left_pad,
+    position_ids,
+    right_pad,
+    sequence_nll,
+)
 from reca.models.tokenizer import byte_tokenizer
 from reca.seeds import dropped, generator
 
@@ -637,12 +646,5 @@ class JanusAdapter(nn.Module):
                     "text responses are traced for image prompts (captioning): give Condition(semantic=...)"
                 )
             embeds, mask, labels = self._understanding_batch(cond.semantic, cond.instructions, answers)
-            seqs = [
-                (embeds[i, : int(mask[i].sum())], int((labels[i] != IGNORE).nonzero()[0])) for i in range(len(embeds))
-            ]
-        lm = self.model.model.language_model
-        out = []
-        for seq, prompt_len in seqs:  # one sequence at a time: no padding inside the states
-            states = lm(inputs_embeds=seq[None], output_hidden_states=True).hidden_states
-            out.append(([h[0].float().cpu() for h in states], prompt_len))
-        return out
+            seqs = answer_sequences(embeds, mask, labels)
+        return layer_states(self.model.model.language_model, seqs)

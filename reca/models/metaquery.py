@@ -29,7 +29,16 @@ from torch import nn
 from reca.adapter import Condition
 from reca.flow import flow_matching_loss, guided, noisy_latents, sample_sigmas, velocity_from_x0, x0_loss
 from reca.images import to_pil
-from reca.models.common import IGNORE, answer_logprobs, left_pad, position_ids, right_pad, sequence_nll
+from reca.models.common import (
+    IGNORE,
+    answer_logprobs,
+    answer_sequences,
+    layer_states,
+    left_pad,
+    position_ids,
+    right_pad,
+    sequence_nll,
+)
 from reca.models.tokenizer import byte_tokenizer
 from reca.seeds import dropped, per_sample_noise
 
@@ -158,6 +167,14 @@ class MetaQueryAdapter(nn.Module):
             blocks = vc.get("encoder_block_out_channels") or vc.get("block_out_channels")
             self.latent_size = cfg.resolution // 2 ** (len(blocks) - 1)
             self.latent_channels = vc.latent_channels
+        # the VAE halves the side len(blocks) - 1 times and the transformer cuts p×p patches: any
+        # other size would be floored (a cropped target) or fail deep inside the forward pass
+        multiple = (1 if vae is None else 2 ** (len(blocks) - 1)) * (transformer.config.get("patch_size") or 1)
+        if cfg.resolution <= 0 or cfg.resolution % multiple:
+            raise ValueError(
+                f"model.args.resolution: {cfg.resolution} must be a positive multiple of {multiple} "
+                "(VAE downsampling × transformer patch size)"
+            )
         self._encoder = None  # the frozen semantic encoder, for text_path=encoder (never a submodule)
         if cfg.heads:
             self.load_heads(cfg.heads)
@@ -393,7 +410,6 @@ class MetaQueryAdapter(nn.Module):
         ``answers`` is given (text generation; ``cond.instructions`` are the questions), else the
         learnable queries — in this architecture they are what carries the image to the DiT, so
         they are the image response (reca.adapter.Traceable)."""
-        base = self._base()
         if answers is None:
             pieces = self._prompt_pieces(cond, [False] * len(cond))
             seqs = [(torch.cat([p, self.queries.to(p.dtype)]), p.shape[0]) for p in pieces]
@@ -403,14 +419,8 @@ class MetaQueryAdapter(nn.Module):
                     "text responses are traced for image prompts (captioning): give Condition(semantic=...)"
                 )
             embeds, mask, labels = self._understanding_batch(cond.semantic, cond.instructions, answers)
-            seqs = [
-                (embeds[i, : int(mask[i].sum())], int((labels[i] != IGNORE).nonzero()[0])) for i in range(len(embeds))
-            ]
-        out = []
-        for seq, prompt_len in seqs:  # one sequence at a time: no padding inside the states
-            states = base(inputs_embeds=seq[None], output_hidden_states=True).hidden_states
-            out.append(([h[0].float().cpu() for h in states], prompt_len))
-        return out
+            seqs = answer_sequences(embeds, mask, labels)
+        return layer_states(self._base(), seqs)
 
     # ------------------------------------------------------------------ sampling
 
