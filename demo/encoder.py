@@ -55,8 +55,15 @@ def zero_shot_accuracy(model, tokenizer, images: torch.Tensor, labels: list[int]
     return float(((img @ text.T).argmax(1) == torch.tensor(labels)).float().mean())
 
 
-def pretrain(out: Path, steps: int = 400, batch: int = 128, seed: int = ENCODER_TRAIN_SEED) -> float:
-    """Train, check, save the state dict atomically to ``out``; returns the held-out zero-shot accuracy."""
+def pretrain(
+    out: Path, steps: int = 400, batch: int = 128, seed: int = ENCODER_TRAIN_SEED, align: float = 0.0
+) -> float:
+    """Train, check, save the state dict atomically to ``out``; returns the held-out zero-shot accuracy.
+
+    ``align`` weighs an alignment term beside the contrastive loss: the mean ``1 − cos`` between
+    each image and its own caption (Wang & Isola, ICML 2020, "alignment"). The contrastive loss
+    alone leaves every caption at the centre of its images' cluster, away from every image;
+    the term pulls the images onto their caption (docs/demo.md, "The encoder's alignment")."""
     torch.manual_seed(seed)
     model, tokenizer, _ = build()
     images, labels = _pool(ENCODER_SEEDS)
@@ -70,6 +77,8 @@ def pretrain(out: Path, steps: int = 400, batch: int = 128, seed: int = ENCODER_
         idx = torch.from_numpy(rng.choice(len(images), batch, replace=False))
         img, txt, scale = model(images[idx], captions[idx])
         loss = loss_fn(img, txt, scale)
+        if align:
+            loss = loss + align * (1 - (img * txt).sum(-1)).mean()  # both are unit vectors
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -18,15 +18,15 @@ import importlib.resources
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from demo import encoder as demo_encoder
+from demo import report
 from demo.scorer import WorldScorer
 from demo.seeds import (
     EVAL_SAMPLE_SEED,
@@ -37,8 +37,7 @@ from demo.seeds import (
     probe_seeds,
     understanding_seeds,
 )
-from demo.world import CANONICAL, biased_caption, dense_caption, is_canonical, pairs, render
-from eval.stats import t_interval, wilson_interval
+from demo.world import CANONICAL, SPLITS, biased_caption, dense_caption, is_canonical, pairs, render
 from reca.config import Config, derive, load_config, validate
 from reca.io import atomic_dir, atomic_write_json, atomic_write_text
 from reca.models.tokenizer import save_word_tokenizer
@@ -52,27 +51,46 @@ class DemoSettings:
     n_t2i: int = 6_000
     n_i2t: int = 12_000
     n_recon: int = 12_000
-    # 1,200 steps: the generator draws canonical pairs right 89% of the time at 1,200 steps and 67%
-    # at 900 (README, the demo). Understanding is learnt long before, so a quarter of the batch is
-    # image-to-text: the same 48 text-to-image samples a step as a 48 + 48 batch, 15% faster.
+    # 1,200 steps: the generator then draws canonical pairs right ~88 % of the time (docs/demo.md).
+    # Understanding is learnt long before, so a quarter of the batch is image-to-text: the same 48
+    # text-to-image samples a step as a 48 + 48 batch, 15% faster.
     pretrain_steps: int = 1200
     pretrain_batch: int = 64
     pretrain_shares: dict = field(default_factory=lambda: {"recon": 0.0, "t2i": 0.75, "i2t": 0.25})
-    reca_steps: int = 200
+    # 1,000 steps: the first ~200 steps of RecA break canonical prompts (their colour+shape falls
+    # from ~90 % to ~30 % on the dev side), the rest of the run rebuilds them while rare prompts
+    # rise (docs/demo.md, "How long RecA must run"); 200 or 400 steps stop inside that dip.
+    reca_steps: int = 1000
     reca_batch: int = 64
     # Harmon's mixture, recon : image-to-text : text-to-image = 2 : 2 : 0 (`repeat = [2, 2, 0]` in the
-    # official RecA repository's Harmon/configs/datasets/qwen2_5_1_5b/image2text_recon_mid.py). Keeping
-    # some captioned text-to-image data (0.34 / 0.16 / 0.5) protects canonical prompts but, at this
-    # budget, stops the transfer altogether (README, the demo).
+    # official RecA repository's Harmon/configs/datasets/qwen2_5_1_5b/image2text_recon_mid.py).
     reca_shares: dict = field(default_factory=lambda: {"recon": 0.5, "t2i": 0.0, "i2t": 0.5})
     reca_lr: float = 5e-4
     reca_schedule: str = "cosine"  # 5% warmup then cosine, as Harmon (Harmon/configs/examples/reca.py)
+    # Which parts fine-tuning trains (full fine-tuning): empty = all that pretraining trained.
+    reca_trainable: tuple = ()
+    # The reconstruction condition in the form of a text prompt's: the pooled image embedding alone
+    # (objectives.recon.keep_tokens = 1), no instruction (instruction_dropout = 1). A text prompt
+    # reaches the LM as one embedding of the same space; with the 16 patch tokens and an
+    # instruction, RecA teaches the LM a form text prompts never take (docs/demo.md).
+    keep_tokens: int = 1
+    instruction_dropout: float = 1.0
+    feature_noise: float = 0.0  # objectives.recon.feature_noise (LAFITE)
+    ema_decay: float = 0.0  # train.ema_decay; the evaluation then reads the EMA weights
+    lora_rank: int = 16
+    lora_lr: float = 2e-3  # LoRA's usual ~4x the full fine-tuning rate; not tuned on the test side
+    lora_targets: tuple = ()  # empty = the adapter's default LoRA targets
+    # Evaluation during fine-tuning every N steps (eval.every), for the curves; 0 = off.
+    curve_every: int = 200
+    curve_images: int = 4  # images per prompt at each point of the curves
     seeds: tuple = (0, 1, 2)
-    samples: int = 32  # generated images per prompt
-    renders: int = 16  # real renders per pair for understanding and reconstruction
+    split: str = "test"  # the side of the rare pairs the evaluation scores (demo.world.SPLITS)
+    samples: int = 16  # generated images per prompt and seed
+    renders: int = 8  # real renders per pair for understanding and reconstruction
     guidance: float = 3.0
     sample_steps: int = 10  # x0-prediction: 8, 12 and 20 steps score alike
     encoder_steps: int = 400
+    encoder_align: float = 1.0  # demo.encoder.pretrain's alignment term (docs/demo.md, "The encoder")
     lora: bool = False
 
     @classmethod
@@ -86,6 +104,7 @@ class DemoSettings:
             pretrain_batch=16,
             reca_steps=4,
             reca_batch=16,
+            curve_every=2,
             seeds=(0, 1, 2),
             samples=2,
             renders=2,
@@ -94,14 +113,47 @@ class DemoSettings:
         )
 
 
-def cached(path: Path, make: Callable[[], dict]) -> dict:
-    """Run a stage once; its result JSON is written atomically after the stage has finished."""
+def cached(path: Path, make: Callable[[], dict], key: dict | None = None) -> dict:
+    """Run a stage once; its result JSON is written atomically after the stage has finished.
+    ``key`` is what the stage was made from (a config, the settings it reads): a stage cached
+    from another key is refused, never silently reused."""
+    key = json.loads(json.dumps(key if key is not None else {}, default=str))
     if path.is_file():
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        if result.get("key", {}) != key:
+            theirs = result.get("key", {})
+            diff = sorted(k for k in set(key) | set(theirs) if key.get(k) != theirs.get(k))
+            raise SystemExit(
+                f"error: {path} was made with other settings ({', '.join(diff)[:300]}); "
+                f"use a fresh --out, or delete {path.parent.parent} to start over"
+            )
+        return result
     started = time.time()
-    result = make() | {"seconds": round(time.time() - started, 1)}
+    result = make() | {"seconds": round(time.time() - started, 1), "key": key}
     atomic_write_json(path, result, sort_keys=False)
     return result
+
+
+def config_key(cfg: Config, out: Path) -> dict:
+    """A training stage's key: its whole config, flattened (``section.key``), with the run
+    folder's own path written ``<out>`` (a moved run folder stays valid)."""
+    from reca.config import to_dict
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in tree.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v}
+        return out
+
+    return json.loads(json.dumps(flat(to_dict(cfg))).replace(json.dumps(str(out))[1:-1], "<out>"))
+
+
+def eval_key(s: "DemoSettings", checkpoint: Path) -> dict:
+    """An evaluation stage's key: what it generates and scores, and from which weights."""
+    fields = ("split", "samples", "renders", "guidance", "sample_steps", "keep_tokens", "instruction_dropout", "lora")
+    return {f: getattr(s, f) for f in fields} | {
+        "checkpoint": checkpoint.name if checkpoint.name != "final" else checkpoint.parent.name
+    }
 
 
 # ------------------------------------------------------------------------------ data
@@ -209,7 +261,12 @@ def train(out_dir: Path, cfg: Config) -> dict:
 
     cfg = derive(cfg, train={"output_dir": str(out_dir)})
     validate(cfg)
-    metrics = fit(cfg)
+    evaluator = None
+    if cfg.eval.every:  # the curves: evaluation during training, as train.py wires it
+        from eval.during import TrainingEvaluator
+
+        evaluator = TrainingEvaluator(cfg)
+    metrics = fit(cfg, evaluator=evaluator)
     return {"final": str(out_dir / "final"), "last": metrics}
 
 
@@ -236,8 +293,44 @@ def finetune_config(out: Path, s: DemoSettings, arm: str, seed: int) -> Config:
         optim={"lr": float(s.reca_lr), "warmup_steps": max(1, s.reca_steps // 20), "schedule": s.reca_schedule},
     )
     cfg = with_shares(cfg, arm_shares(s, arm))
+    cfg = derive(
+        cfg,
+        objectives={
+            "recon": {
+                "keep_tokens": s.keep_tokens,
+                "instruction_dropout": s.instruction_dropout,
+                "feature_noise": s.feature_noise,
+            }
+        },
+        train={"ema_decay": s.ema_decay},
+    )
+    if s.reca_trainable:
+        cfg = derive(cfg, train={"trainable": list(s.reca_trainable)})
+    if s.curve_every:  # the evaluation during training (eval/during.py), on this side's prompts
+        cfg = derive(
+            cfg,
+            eval={
+                "every": s.curve_every,
+                "prompts": str(write_prompts(out / "cache" / f"prompts-{s.split}.jsonl", s.split)),
+                "scorer": "demo.scorer:load",
+                "scorer_args": {"path": str(out / "cache/scorer.pt")},
+                "n_images": s.curve_images,
+                "seed": EVAL_SAMPLE_SEED[s.split] + 1,  # not the final evaluation's images
+                "batch_size": 64,
+            },
+        )
     if s.lora:
-        cfg = derive(cfg, lora={"enabled": True, "rank": 16, "alpha": 32}, train={"trainable": []})
+        cfg = derive(
+            cfg,
+            lora={
+                "enabled": True,
+                "rank": s.lora_rank,
+                "alpha": 2 * s.lora_rank,
+                "target_modules": list(s.lora_targets),
+            },
+            optim={"lr": float(s.lora_lr or s.reca_lr)},
+            train={"trainable": []},
+        )
     validate(cfg)
     return cfg
 
@@ -247,22 +340,35 @@ def finetune_config(out: Path, s: DemoSettings, arm: str, seed: int) -> Config:
 
 def eval_config(out: Path, checkpoint: Path, lora: bool) -> tuple[Config, Path | None]:
     """(config, checkpoint) for ``reca.build.load_trained``: a LoRA result is loaded onto the
-    pretrained model; a full model (``save_pretrained`` folder) is the config's starting point."""
+    pretrained model; a full model (``save_pretrained`` folder) is the config's starting point.
+    A run trained with EMA is read through its EMA weights (``final/ema``)."""
+    if (checkpoint / "ema").is_dir():
+        checkpoint = checkpoint / "ema"
     if lora and (checkpoint / "adapter_config.json").is_file():
         return with_pretrained(base_config(out), out / "pretrain/final"), checkpoint
     return with_pretrained(base_config(out), checkpoint), None
 
 
-def eval_prompts():
+def eval_prompts(split: str):
+    """The generation prompts of one side of the split: its rare pairs, then the six canonical
+    pairs (shared by both sides, which differ in their sample seeds)."""
     from eval.prompts import Prompt
 
-    items = [("rare", s, c) for s, c in pairs("rare")] + [("canonical", s, c) for s, c in pairs("canonical")]
+    items = [("rare", s, c) for s, c in pairs(split)] + [("canonical", s, c) for s, c in pairs("canonical")]
     return [
         Prompt(
             index=i, prompt=f"a {c} {s}", tag=tag, include=[{"class": s, "count": 1, "color": c}], exclude=[], extra={}
         )
         for i, (tag, s, c) in enumerate(items)
     ]
+
+
+def write_prompts(path: Path, split: str) -> Path:
+    """:func:`eval_prompts` as a GenEval-schema file, for ``eval.prompts``."""
+    rows = [{"tag": p.tag, "include": p.include, "prompt": p.prompt} for p in eval_prompts(split)]
+    if not path.is_file():
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def evaluate(out: Path, name: str, checkpoint: Path, s: DemoSettings, scorer: WorldScorer) -> dict:
@@ -275,10 +381,10 @@ def evaluate(out: Path, name: str, checkpoint: Path, s: DemoSettings, scorer: Wo
     run_dir = out / "eval" / name
     generate(
         adapter,
-        eval_prompts(),
+        eval_prompts(s.split),
         run_dir,
         n_images=s.samples,
-        seed=EVAL_SAMPLE_SEED,
+        seed=EVAL_SAMPLE_SEED[s.split],
         guidance_scale=s.guidance,
         num_steps=s.sample_steps,
         batch_size=64,
@@ -295,12 +401,21 @@ def evaluate(out: Path, name: str, checkpoint: Path, s: DemoSettings, scorer: Wo
             "shape": sum(r["shape_ok"] for r in tagged),
             "both": sum(r["correct"] for r in tagged),
             "drawn_canonical_colour": sum(r["colour"] == CANONICAL[r["prompt"].split()[-1]] for r in tagged),
+            "per_prompt": {
+                p: {
+                    k: sum(r[f] for r in tagged if r["prompt"] == p)
+                    for k, f in (("colour", "colour_ok"), ("both", "correct"))
+                }
+                | {"n": sum(r["prompt"] == p for r in tagged)}
+                for p in dict.fromkeys(r["prompt"] for r in tagged)
+            },
         }
     und = {}
     captions = [dense_caption(sh, c) for sh, c in pairs("all")]
     for tag in ("rare", "canonical"):
+        group = pairs(s.split) if tag == "rare" else pairs("canonical")
         items = [
-            (sh, c, seed) for k, (sh, c) in enumerate(pairs(tag)) for seed in understanding_seeds(tag, k, s.renders)
+            (sh, c, seed) for k, (sh, c) in enumerate(group) for seed in understanding_seeds(s.split, tag, k, s.renders)
         ]
         with torch.no_grad():
             sem = encoder.encode([render(sh, c, seed).image for sh, c, seed in items])
@@ -321,7 +436,7 @@ def evaluate(out: Path, name: str, checkpoint: Path, s: DemoSettings, scorer: Wo
             rare_items, rare_sem = items, sem
     with torch.no_grad():
         recons = adapter.generate(
-            _recon_condition(rare_sem),
+            _recon_condition(rare_sem, s),
             seeds=[seed for *_, seed in rare_items],
             guidance_scale=s.guidance,
             num_steps=s.sample_steps,
@@ -337,10 +452,14 @@ def evaluate(out: Path, name: str, checkpoint: Path, s: DemoSettings, scorer: Wo
     return {"generation": gen, "understanding": und, "reconstruction": rec}
 
 
-def _recon_condition(sem: torch.Tensor):
+def _recon_condition(sem: torch.Tensor, s: DemoSettings):
+    """Reconstruction in the form fine-tuning trained it: the first ``keep_tokens`` tokens, and no
+    instruction when instructions were always dropped."""
     from reca.adapter import Condition
 
-    return Condition(semantic=sem, instructions=[INSTRUCTION] * len(sem))
+    sem = sem[:, : s.keep_tokens] if s.keep_tokens else sem
+    instruction = "" if s.instruction_dropout >= 1 else INSTRUCTION
+    return Condition(semantic=sem, instructions=[instruction] * len(sem))
 
 
 def probe(out: Path, name: str, checkpoint: Path, s: DemoSettings) -> dict:
@@ -364,167 +483,179 @@ def probe(out: Path, name: str, checkpoint: Path, s: DemoSettings) -> dict:
     return {"json": str(out / "probe" / f"{name}.json")}
 
 
-# ------------------------------------------------------------------------------ report
-
-
-METRICS = [
-    ("rare: colour+shape", ("generation", "rare", "both")),
-    ("rare: right colour", ("generation", "rare", "colour")),
-    ("rare: right shape", ("generation", "rare", "shape")),
-    ("rare: drawn in canonical colour", ("generation", "rare", "drawn_canonical_colour")),
-    ("canonical: colour+shape", ("generation", "canonical", "both")),
-    ("understanding, rare (36-way)", ("understanding", "rare", "correct")),
-    ("understanding, canonical (36-way)", ("understanding", "canonical", "correct")),
-    ("reconstruction from semantics, rare", ("reconstruction", "rare", "both")),
-]
-
-
-def summarise(results: dict[str, list[dict]]) -> dict:
-    table = {}
-    for arm, runs in results.items():
-        table[arm] = {}
-        for label, (a, b, c) in METRICS:
-            ks = [r[a][b][c] for r in runs]
-            ns = [r[a][b]["n"] for r in runs]
-            lo, hi = wilson_interval(sum(ks), sum(ns))
-            mean, slo, shi = t_interval([k / n for k, n in zip(ks, ns)])
-            table[arm][label] = {
-                "pooled": sum(ks) / sum(ns),
-                "wilson95": [lo, hi],
-                "seed_mean": mean,
-                "seed_t95": [slo, shi],
-                "per_seed": [k / n for k, n in zip(ks, ns)],
-                "n": sum(ns),
-            }
-    return table
-
-
-def markdown(table: dict, settings: DemoSettings, timings: dict) -> str:
-    arms = list(table)
-    lines = ["| metric | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
-    for label, _ in METRICS:
-        cells = []
-        for arm in arms:
-            m = table[arm][label]
-            w = m["wilson95"]
-            cell = f"{100 * m['pooled']:.1f}% [{100 * w[0]:.0f}, {100 * w[1]:.0f}]"
-            if len(m["per_seed"]) > 1:
-                t = m["seed_t95"]
-                cell += f" seeds [{100 * t[0]:.0f}, {100 * t[1]:.0f}]"
-            cells.append(cell)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    note = (
-        f"\nCell: pooled accuracy [Wilson 95% over all samples]; for RecA and control also the 95% t-interval over "
-        f"their {len(settings.seeds)} fine-tuning seeds (seeds [lo, hi]). Before = the pretrained model; "
-        f"{settings.samples} generated images per prompt and {settings.renders} real renders per pair "
-        f"(understanding, reconstruction), "
-        f"6 prompts per group, per seed; RecA / control: {settings.reca_steps} steps each. "
-        f"Per-seed values are in report.json.\n"
-    )
-    stages = ", ".join(f"{k} {v}" for k, v in timings.items())
-    return "\n".join(lines) + "\n" + note + "\nStage timings (s): " + stages + "\n"
-
-
-def picture(out: Path, arms: dict[str, str], path: Path, per_cell: int = 4) -> None:
-    """Rows: rare prompts; column groups: before | RecA | control (seed 0), ``per_cell`` samples each."""
-    from eval.runner import sample_path, save_png
-
-    prompts = [p for p in eval_prompts() if p.tag == "rare"]
-    cell, pad, label_w, head = 32, 2, 120, 18
-    width = label_w + len(arms) * (per_cell * (cell + pad) + 8)
-    canvas = Image.new("RGB", (width, head + len(prompts) * (cell + pad) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for j, arm in enumerate(arms):
-        draw.text((label_w + j * (per_cell * (cell + pad) + 8), 2), arm, fill=(0, 0, 0))
-    for i, p in enumerate(prompts):
-        y = head + i * (cell + pad)
-        draw.text((4, y + 10), p.prompt, fill=(0, 0, 0))
-        for j, run in enumerate(arms.values()):
-            for k in range(per_cell):
-                with Image.open(sample_path(out / "eval" / run, p.index, k)) as im:
-                    canvas.paste(im.convert("RGB"), (label_w + j * (per_cell * (cell + pad) + 8) + k * (cell + pad), y))
-    save_png(path, canvas.resize((canvas.width * 3, canvas.height * 3), Image.NEAREST))
-
-
 # ------------------------------------------------------------------------------ main
 
 
-def run(out: Path, settings: DemoSettings) -> dict:
-    check_guardrails()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    (out / "cache").mkdir(parents=True, exist_ok=True)
-    (out / "stages").mkdir(parents=True, exist_ok=True)
+def prepare(out: Path, s: DemoSettings) -> dict:
+    """Scorer, frozen encoder, data pools, tokenizer, pretrained UMM: each a cached stage."""
     st = out / "stages"
-    timings = {}
-    t = cached(st / "scorer.json", lambda: {"accuracy": WorldScorer.load_or_train(out / "cache/scorer.pt").accuracy})
-    timings["scorer"] = t["seconds"]
-    scorer = WorldScorer.load_or_train(out / "cache/scorer.pt")
+    scorer = cached(
+        st / "scorer.json", lambda: {"accuracy": WorldScorer.load_or_train(out / "cache/scorer.pt").accuracy}
+    )
+    enc_key = {"encoder_steps": s.encoder_steps, "encoder_align": s.encoder_align}
     enc = cached(
         st / "encoder.json",
-        lambda: {"zero_shot_36way": demo_encoder.pretrain(out / "cache/encoder.pt", steps=settings.encoder_steps)},
+        lambda: {
+            "zero_shot_36way": demo_encoder.pretrain(
+                out / "cache/encoder.pt", steps=s.encoder_steps, align=s.encoder_align
+            )
+        },
+        enc_key,
     )
-    timings["encoder"] = enc["seconds"]
-    sizes = {"t2i": settings.n_t2i, "i2t": settings.n_i2t, "recon": settings.n_recon}
+    sizes = {"t2i": s.n_t2i, "i2t": s.n_i2t, "recon": s.n_recon}
     data = cached(
         st / "data.json",
         lambda: {k: write_pool(out / "data" / k, k, n) for k, n in sizes.items()} | {"audit": audit_data(out / "data")},
+        sizes,
     )
-    timings["data"] = data["seconds"]
     tok = cached(
         st / "tokenizer.json", lambda: {"path": str(save_word_tokenizer(world_vocabulary(), out / "cache/tokenizer"))}
     )
-    timings["tokenizer"] = tok["seconds"]
-    pre = cached(st / "pretrain.json", lambda: train(out / "pretrain", pretrain_config(out, settings)))
-    timings["pretrain"] = pre["seconds"]
-    before = cached(st / "eval-before.json", lambda: evaluate(out, "before", out / "pretrain/final", settings, scorer))
+    pre_cfg = pretrain_config(out, s)
+    pre = cached(
+        st / "pretrain.json", lambda: train(out / "pretrain", pre_cfg), config_key(pre_cfg, out) | enc_key | sizes
+    )
+    stages = {"scorer": scorer, "encoder": enc, "data": data, "tokenizer": tok, "pretrain": pre}
+    return {"stages": stages, "timings": {k: v["seconds"] for k, v in stages.items()}}
+
+
+def arm_job(out: Path, s: DemoSettings, variant: str, arm: str, seed: int, threads: int) -> dict:
+    """One fine-tuning run and its evaluation, each a cached stage; runs in a worker process."""
+    torch.set_num_threads(threads)
+    name = f"{variant}-{arm}-seed{seed}"
+    st = out / "stages"
+    cfg = finetune_config(out, s, arm, seed)
+    tr = cached(st / f"train-{name}.json", lambda: train(out / name, cfg), config_key(cfg, out))
+    checkpoint = out / name / "final"
+    scorer = WorldScorer.load_or_train(out / "cache/scorer.pt")
+    ev = cached(
+        st / f"eval-{s.split}-{name}.json", lambda: evaluate(out, name, checkpoint, s, scorer), eval_key(s, checkpoint)
+    )
+    return {"name": name, "train": tr, "eval": ev}
+
+
+def workers_for(jobs: int, cores: int | None = None) -> tuple[int, int]:
+    """(processes, torch threads each) for ``jobs`` independent runs. Small models barely gain from
+    a second thread (this world's RecA step: 0.30 s on one thread, 0.28 s on two, 2-core CPU), so
+    runs go side by side on one thread each rather than one after another on all cores."""
+    cores = cores or os.cpu_count() or 1
+    n = max(1, min(jobs, cores))
+    return n, max(1, cores // n)
+
+
+def run(out: Path, settings: DemoSettings, variants: tuple[str, ...] = ("full",)) -> dict:
+    """The demo: ``variants`` are "full" (full fine-tuning) and/or "lora", each a RecA arm and its
+    control over ``settings.seeds``, all evaluated on ``settings.split``."""
+    check_guardrails()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    for sub in ("cache", "stages"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    st, split = out / "stages", settings.split
+    prep = prepare(out, settings)
+    timings = dict(prep["timings"])
+    scorer = WorldScorer.load_or_train(out / "cache/scorer.pt")
+    before = cached(
+        st / f"eval-{split}-before.json",
+        lambda: evaluate(out, "before", out / "pretrain/final", settings, scorer),
+        eval_key(settings, out / "pretrain/final"),
+    )
+    timings["eval before"] = before["seconds"]
     results: dict[str, list[dict]] = {"before": [before]}
-    for arm in ("reca", "control"):
-        results[arm] = []
-        for seed in settings.seeds:
-            name = f"{arm}-seed{seed}"
-            tr = cached(st / f"train-{name}.json", lambda: train(out / name, finetune_config(out, settings, arm, seed)))
-            timings[f"train {name}"] = tr["seconds"]
-            results[arm].append(
-                cached(st / f"eval-{name}.json", lambda: evaluate(out, name, out / name / "final", settings, scorer))
-            )
+    runs: dict[str, list[Path]] = {}
+    jobs = []
+    for variant in variants:
+        s = replace(settings, lora=variant == "lora")
+        for arm in ("reca", "control"):
+            label = ("RecA" if arm == "reca" else "control") + (f" {variant}" if len(variants) > 1 else "")
+            results[label], runs[label] = [], []
+            jobs += [(label, (out, s, variant, arm, seed)) for seed in s.seeds]
+    n, threads = workers_for(len(jobs))
+    started = time.time()
+    if n == 1:
+        done = [arm_job(*args, threads) for _, args in jobs]
+    else:  # spawn: a fresh interpreter per worker, no state forked from this one
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(arm_job, *zip(*[(*args, threads) for _, args in jobs])))
+    timings[f"fine-tuning and evaluation, {len(jobs)} runs on {n} worker(s) × {threads} thread(s)"] = round(
+        time.time() - started, 1
+    )
+    for (label, args), job in zip(jobs, done):
+        timings[f"train {job['name']}"] = job["train"]["seconds"]
+        timings[f"eval {job['name']}"] = job["eval"]["seconds"]
+        results[label].append(job["eval"])
+        runs[label].append(out / job["name"])
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    first, seed0 = variants[0], settings.seeds[0]
     probes = {}
-    seed0 = settings.seeds[0]
     for label, name, ckpt in (
         ("before", "before", out / "pretrain/final"),
-        ("RecA", f"reca-seed{seed0}", out / f"reca-seed{seed0}/final"),
-        ("control", f"control-seed{seed0}", out / f"control-seed{seed0}/final"),
+        ("RecA", f"{first}-reca-seed{seed0}", out / f"{first}-reca-seed{seed0}/final"),
+        ("control", f"{first}-control-seed{seed0}", out / f"{first}-control-seed{seed0}/final"),
     ):
-        probes[label] = cached(st / f"probe-{name}.json", lambda: probe(out, name, ckpt, settings))["json"]
+        s = replace(settings, lora=first == "lora")
+        probes[label] = cached(st / f"probe-{name}.json", lambda: probe(out, name, ckpt, s), eval_key(s, ckpt))["json"]
+    return write_report(out, settings, variants, results, runs, probes, prep, timings)
+
+
+def write_report(out, settings, variants, results, runs, probes, prep, timings) -> dict:
     from eval.probe import compare as probe_compare
     from eval.probe import load_json
     from eval.probe import plot as probe_plot
 
     probe_results = {k: load_json(v) for k, v in probes.items()}
     probe_plot(probe_results, out / "probe.png")
-    table = summarise(results)
-    report = {
+    table = report.summarise(results)
+    has_curves = report.curves(runs, out / "curves.png", f"{settings.split} side, evaluation during fine-tuning")
+    stages = prep["stages"]
+    summary = {
         "settings": asdict(settings),
-        "scorer_accuracy": t["accuracy"],
-        "encoder_zero_shot": enc["zero_shot_36way"],
-        "guardrails": data["audit"],
+        "variants": list(variants),
+        "split": {"side": settings.split, "rare_pairs": [f"a {c} {sh}" for sh, c in pairs(settings.split)]},
+        "scorer_accuracy": stages["scorer"]["accuracy"],
+        "encoder_zero_shot": stages["encoder"]["zero_shot_36way"],
+        "guardrails": stages["data"]["audit"],
         "table": table,
+        "per_pair": report.per_pair(results),
         "timings": timings,
     }
-    atomic_write_json(out / "report.json", report, sort_keys=False)
+    atomic_write_json(out / "report.json", summary, sort_keys=False)
+    s = settings
+    note = (
+        f"Side: **{s.split}** ({len(pairs(s.split))} rare pairs, {s.samples} images each per seed; the 6 canonical "
+        f"pairs, {s.samples} images each). Cell: pooled accuracy [Wilson 95% over all samples]; over several seeds "
+        f"also the 95% t-interval of the per-seed values (seeds [lo, hi]). Before = the pretrained model; RecA and "
+        f"control: {s.reca_steps} steps each, seeds {list(s.seeds)}; understanding and reconstruction on "
+        f"{s.renders} real renders per pair. Per-seed values: report.json."
+    )
     md = (
-        markdown(table, settings, timings)
-        + "\n### Entropy probe (seed 0 checkpoints; probe.png)\n\n"
+        f"## The demo ({settings.split} side)\n\n"
+        + report.markdown(table, note)
+        + "\n### Every rare pair of this side, and per shape\n\n"
+        + report.per_pair_markdown(results)
+        + ("\n![curves](curves.png)\n" if has_curves else "")
+        + "\n### Entropy probe (seed-0 checkpoints; probe.png)\n\n"
         + probe_compare(probe_results)
+        + "\nStage timings (s): "
+        + ", ".join(f"{k} {v}" for k, v in timings.items())
+        + "\n"
     )
     atomic_write_text(out / "report.md", md)
-    picture(
-        out,
-        {"before": "before", "RecA (seed 0)": f"reca-seed{seed0}", "control (seed 0)": f"control-seed{seed0}"},
-        out / "rare_pairs.png",
-        per_cell=min(4, settings.samples),
-    )
+    seed0 = settings.seeds[0]
+    columns = {"before": out / "eval/before"}
+    for variant in variants:
+        suffix = f" {variant}" if len(variants) > 1 else ""
+        columns[f"RecA{suffix} (seed {seed0})"] = out / f"eval/{variant}-reca-seed{seed0}"
+        columns[f"control{suffix} (seed {seed0})"] = out / f"eval/{variant}-control-seed{seed0}"
+    headline = {f"a {c} {sh}" for sh, c in pairs("headline")}
+    prompts = [p for p in eval_prompts(settings.split) if p.prompt in headline] or [
+        p for p in eval_prompts(settings.split) if p.tag == "rare"
+    ][:6]
+    report.picture(columns, prompts, out / "rare_pairs.png", per_cell=min(4, settings.samples))
     print(md)
-    return report
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -537,11 +668,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the reduced run of the test suite (minutes → seconds; numbers meaningless)",
     )
-    p.add_argument("--lora", action="store_true", help="RecA and control with LoRA instead of full fine-tuning")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--lora", action="store_true", help="RecA and control with LoRA instead of full fine-tuning")
+    how.add_argument(
+        "--compare",
+        action="store_true",
+        help="the wider comparison: full fine-tuning and LoRA side by side, with curves over fine-tuning steps",
+    )
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="test",
+        help="the side of the rare pairs to score: dev for choosing settings, test (default) for the result",
+    )
     a = p.parse_args(argv)
     settings = DemoSettings.quick() if a.quick else DemoSettings()
-    settings.lora = a.lora
-    run(a.out, settings)
+    settings = replace(settings, split=a.split)
+    variants = ("full", "lora") if a.compare else ("lora",) if a.lora else ("full",)
+    run(a.out, settings, variants)
     return 0
 
 

@@ -133,3 +133,9 @@ class WorldScorer:
         """The evaluation suite's scorer interface: the prompt's first included object."""
         item = prompt.include[0]
         return self.judge([image], [item["class"]], [item.get("color", "")])[0]
+
+
+def load(path: str) -> WorldScorer:
+    """The scorer saved at ``path`` (trained there first if missing): the factory that
+    ``eval.scorer: demo.scorer:load`` names for the evaluation during fine-tuning."""
+    return WorldScorer.load_or_train(path)

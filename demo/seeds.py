@@ -21,13 +21,18 @@ SEEDS = {
     "encoder_test": ENCODER_TEST_SEEDS,
     "scorer": SCORER_TRAIN_SEEDS,
     "scorer_test": SCORER_TEST_SEEDS,
-    "eval_renders": range(60_000_000, 60_100_000),
+    # Real renders for understanding and reconstruction, one range per side of the split
+    # (demo.world.SPLITS), and the entropy probe's captioned renders.
+    "dev_renders": range(60_000_000, 60_100_000),
+    "test_renders": range(61_000_000, 61_100_000),
+    "probe_renders": range(62_000_000, 62_000_100),
 }
 
 # Derived rules.
 ENCODER_TRAIN_SEED = 0  # torch.manual_seed and the batch-order numpy generator of the encoder's training
 SCORER_TRAIN_SEED = 0  # torch.manual_seed and the batch-order torch.Generator of the scorer's training
-EVAL_SAMPLE_SEED = 90_000  # generated sample i of prompt p: eval.runner.image_seed(EVAL_SAMPLE_SEED, p, i)
+# Generated sample i of prompt p on one side of the split: eval.runner.image_seed(EVAL_SAMPLE_SEED[side], p, i).
+EVAL_SAMPLE_SEED = {"dev": 80_000, "test": 90_000}
 FINETUNE_SEED_BASE = 1000  # RecA / control arm with seed s trains with train.seed = FINETUNE_SEED_BASE + s
 CANONICAL_RENDER_OFFSET = 50_000  # canonical pairs' understanding renders: the rare pairs' seeds + this
 
@@ -42,16 +47,17 @@ def finetune_seed(seed: int) -> int:
     return FINETUNE_SEED_BASE + seed
 
 
-def understanding_seeds(tag: str, pair_index: int, renders: int) -> list[int]:
-    """Render seeds of the ``renders`` real images of pair ``pair_index`` of ``pairs(tag)`` used for
-    understanding; for rare pairs they are also the reconstruction renders and their sampling seeds."""
-    seeds = SEEDS["eval_renders"][pair_index * renders : (pair_index + 1) * renders]
+def understanding_seeds(side: str, tag: str, pair_index: int, renders: int) -> list[int]:
+    """Render seeds of the ``renders`` real images of pair ``pair_index`` of the ``tag`` group
+    ("rare" or "canonical") on one side of the split, for understanding; for rare pairs they are
+    also the reconstruction renders and their sampling seeds."""
+    seeds = SEEDS[f"{side}_renders"][pair_index * renders : (pair_index + 1) * renders]
     return [seed + CANONICAL_RENDER_OFFSET if tag == "canonical" else seed for seed in seeds]
 
 
 def probe_seeds(n: int) -> range:
-    """Render seeds of the entropy probe's ``n`` captioned images: the last ``n`` evaluation seeds."""
-    return SEEDS["eval_renders"][-n:]
+    """Render seeds of the entropy probe's ``n`` captioned images."""
+    return SEEDS["probe_renders"][:n]
 
 
 def check_guardrails() -> None:

@@ -132,6 +132,16 @@ class ReconConfig(ObjectiveConfig):
     )
     fixed_instruction: str = _f("Reconstruct this image.", "the instruction when instructions=fixed")
     instruction_dropout: float = _f(0.0, "probability of giving no instruction at all")
+    keep_tokens: int = _f(
+        0,
+        "condition on only the first N semantic tokens (1 with encoder.space=joint: the pooled image embedding, "
+        "the form of a text prompt's condition); 0 = all",
+    )
+    feature_noise: float = _f(
+        0.0,
+        "LAFITE perturbation of each condition token: add Gaussian noise of this fraction of the token's norm, "
+        "then restore the norm, so the generator also covers where text features fall (arXiv 2111.13792 §3.2); 0 = off",
+    )
 
 
 @dataclass
@@ -519,6 +529,11 @@ def validate(cfg: Config) -> None:
             0 <= o.recon.instruction_dropout <= 1,
             "objectives.recon.instruction_dropout: must be a probability in [0, 1]",
         ),
+        (
+            o.recon.keep_tokens >= 0,
+            "objectives.recon.keep_tokens: must be >= 0 (0 = all tokens)",
+        ),
+        (o.recon.feature_noise >= 0, "objectives.recon.feature_noise: must be >= 0 (0 = off)"),
         (not (cfg.lora.enabled and cfg.lora.rank <= 0), "lora.rank: must be > 0 when lora.enabled is true"),
         (
             not (cfg.lora.enabled and t.trainable),

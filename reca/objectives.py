@@ -22,7 +22,7 @@ from reca.config import OBJECTIVES, ObjectivesConfig
 from reca.encoders import Preprocess
 from reca.images import target_pixels
 from reca.instructions import draw_instruction
-from reca.seeds import python_rng
+from reca.seeds import generator, python_rng
 
 
 @dataclass
@@ -66,6 +66,18 @@ def instructions_for(seeds: Sequence[int], cfg: ObjectivesConfig) -> list[str]:
     return [draw_instruction(python_rng(s), r.instructions, r.fixed_instruction, r.instruction_dropout) for s in seeds]
 
 
+def perturb(tokens: torch.Tensor, seeds: Sequence[int], xi: float) -> torch.Tensor:
+    """LAFITE's perturbation (arXiv 2111.13792, §3.2), per token: ``h + xi·‖h‖·ε/‖ε‖`` with
+    ε ~ N(0, I) drawn from the sample's seed, rescaled to ``‖h‖`` (LAFITE normalises; unit-norm
+    tokens stay unit-norm). Image features then cover a shell around each image, where the text
+    features of its caption fall."""
+    eps = torch.stack([torch.randn(tuple(tokens.shape[1:]), generator=generator(s, "feature_noise")) for s in seeds])
+    eps = eps.to(tokens)
+    norm = tokens.norm(dim=-1, keepdim=True)
+    noisy = tokens + xi * norm * eps / eps.norm(dim=-1, keepdim=True)
+    return noisy * norm / noisy.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 class RecATask(nn.Module):
     """``forward(batches)`` → ``{"loss": weighted sum, "recon": …, "t2i": …, "i2t": …}``."""
 
@@ -77,7 +89,11 @@ class RecATask(nn.Module):
     def condition(self, name: str, b: Batch) -> Condition:
         if OBJECTIVES[name].condition == "text":
             return Condition(texts=list(b.captions or []))
-        return Condition(semantic=b.semantic, instructions=instructions_for(b.seeds, self.cfg))
+        r = self.cfg.recon
+        semantic = b.semantic[:, : r.keep_tokens] if r.keep_tokens else b.semantic
+        if r.feature_noise:
+            semantic = perturb(semantic, b.seeds, r.feature_noise)
+        return Condition(semantic=semantic, instructions=instructions_for(b.seeds, self.cfg))
 
     def forward(self, batches: dict[str, Batch]) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}

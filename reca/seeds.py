@@ -24,6 +24,7 @@ STREAMS: dict[str, int] = {
     "timestep": 1,  # the training noise level σ
     "cond_dropout": 2,  # whether the condition is dropped for classifier-free guidance
     "mask": 3,  # which tokens are masked, and in what order (masked generation: MAR / Harmon)
+    "feature_noise": 4,  # the perturbation of a reconstruction condition (objectives.recon.feature_noise)
     "instruction": 0,  # the reconstruction instruction (a Python RNG, independent of torch's)
 }
 _PRIME = 1_000_003

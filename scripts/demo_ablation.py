@@ -1,9 +1,15 @@
-"""One-seed ablation on a finished demo run: RecA and its control arm with other fine-tuning
-settings, from the same pretrained model, evaluated like the main arms. Results go to
-``<out>/stages/eval-abl-<tag>-{reca,control}-seed<seed>.json``; a one-line summary is printed.
+"""Fine-tuning settings compared on the demo's **dev** side: a RecA arm and its control, several
+seeds, from the pretrained model of a finished demo run, evaluated on the dev pairs with the dev
+sample seeds (the test side is never touched, so nothing chosen here is chosen on the test pairs).
 
-    python scripts/demo_ablation.py --steps 600 --seed 0
-    python scripts/demo_ablation.py --lr 2e-4 --shares recon=0.4,t2i=0.1,i2t=0.5
+    python scripts/demo_ablation.py --out runs/demo --tag pooled keep_tokens=1 instruction_dropout=1
+    python scripts/demo_ablation.py --tag gen-side "reca_trainable=['connector','transformer']" \\
+        "reca_shares={'recon': 1.0, 't2i': 0.0, 'i2t': 0.0}"
+    python scripts/demo_ablation.py --tag lora lora=true lora_lr=2e-3 --seeds 0,1,2
+
+Every ``key=value`` sets a field of ``demo.run.DemoSettings`` (values are YAML). Runs go to
+``<out>/ablations/<tag>/``; their results to ``<out>/ablations/<tag>/summary.json``; one line per
+arm is printed: pooled counts, Wilson 95 % intervals and per-seed values.
 """
 
 from __future__ import annotations
@@ -13,61 +19,70 @@ import dataclasses
 import json
 from pathlib import Path
 
+import yaml
+
 from demo import run as demo
+from demo.report import summarise
 from demo.scorer import WorldScorer
-from reca.objectives import OBJECTIVES
+from reca.io import atomic_write_json
+
+KEYS = [("rare colour+shape", "rare: colour+shape"), ("rare colour", "rare: right colour")]
+KEYS += [("canonical colour+shape", "canonical: colour+shape"), ("understanding", "understanding, rare (36-way)")]
 
 
-def parse_shares(text: str) -> dict[str, float]:
-    shares = {k: float(v) for k, v in (item.split("=") for item in text.split(","))}
-    if set(shares) != set(OBJECTIVES) or abs(sum(shares.values()) - 1) > 1e-6:
-        raise SystemExit(f"--shares {text!r}: give recon=…,t2i=…,i2t=… summing to 1")
-    return shares
+def settings_from(pairs: list[str], seeds: tuple[int, ...]) -> demo.DemoSettings:
+    fields = {f.name: f for f in dataclasses.fields(demo.DemoSettings)}
+    values = {}
+    for item in pairs:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"error: {item!r}: expected key=value with a key of DemoSettings ({', '.join(fields)})")
+        value = yaml.safe_load(raw)
+        values[key] = tuple(value) if isinstance(value, list) else value
+    return dataclasses.replace(demo.DemoSettings(), split="dev", seeds=seeds, **values)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, help="fine-tuning steps (default: the demo's)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the demo's)")
-    p.add_argument(
-        "--shares", type=parse_shares, help="RecA's mixture, e.g. recon=0.5,t2i=0,i2t=0.5 (default: the demo's)"
-    )
-    a = p.parse_args()
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="a finished demo run (its pretrained model)")
+    p.add_argument("--tag", required=True, help="name of this setting (its folder under <out>/ablations)")
+    p.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds, comma-separated")
+    p.add_argument("--arms", default="reca,control", help="reca, control or both")
+    p.add_argument("settings", nargs="*", help="DemoSettings overrides, key=value")
+    a = p.parse_args(argv)
     if not (a.out / "pretrain/final").is_dir():
-        raise SystemExit(f"{a.out}: run `make demo` first (needs {a.out}/pretrain/final)")
-    base = demo.DemoSettings()
-    settings = dataclasses.replace(
-        base,
-        reca_steps=a.steps or base.reca_steps,
-        reca_lr=a.lr or base.reca_lr,
-        reca_shares=a.shares or base.reca_shares,
-    )
-    shares = ",".join(f"{k}{v:g}" for k, v in settings.reca_shares.items())
-    tag = f"steps{settings.reca_steps}-lr{settings.reca_lr:g}-{shares}"
+        raise SystemExit(f"error: {a.out}/pretrain/final is missing: run `make demo` (or python -m demo) first")
+    s = settings_from(a.settings, tuple(int(x) for x in a.seeds.split(",")))
+    root = a.out / "ablations" / a.tag
     scorer = WorldScorer.load_or_train(a.out / "cache/scorer.pt")
-    for arm in ("reca", "control"):
-        name = f"abl-{tag}-{arm}-seed{a.seed}"
-        demo.cached(
-            a.out / "stages" / f"train-{name}.json",
-            lambda: demo.train(a.out / name, demo.finetune_config(a.out, settings, arm, a.seed)),
-        )
-        result = demo.cached(
-            a.out / "stages" / f"eval-{name}.json",
-            lambda: demo.evaluate(a.out, name, a.out / name / "final", settings, scorer),
-        )
-        g, r, u = result["generation"], result["reconstruction"]["rare"], result["understanding"]["rare"]
-        print(
-            f"{name}: rare right colour {g['rare']['colour']}/{g['rare']['n']}, "
-            f"rare colour+shape {g['rare']['both']}/{g['rare']['n']}, "
-            f"rare drawn canonical {g['rare']['drawn_canonical_colour']}/{g['rare']['n']}, "
-            f"canonical colour+shape {g['canonical']['both']}/{g['canonical']['n']}, "
-            f"understanding rare {u['correct']}/{u['n']}, "
-            f"reconstruction rare {r['both']}/{r['n']}"
-        )
-        print(json.dumps(result))
+    results: dict[str, list[dict]] = {}
+    for arm in a.arms.split(","):
+        for seed in s.seeds:
+            run = root / f"{arm}-seed{seed}"
+            demo.cached(
+                root / f"train-{arm}-seed{seed}.json",
+                lambda: demo.train(run, demo.finetune_config(a.out, s, arm, seed)),
+            )
+            name = f"ablation-{a.tag}-{arm}-seed{seed}"
+            results.setdefault(arm, []).append(
+                demo.cached(
+                    root / f"eval-dev-{arm}-seed{seed}.json",
+                    lambda: demo.evaluate(a.out, name, run / "final", s, scorer),
+                )
+            )
+    table = summarise(results)
+    atomic_write_json(root / "summary.json", {"settings": dataclasses.asdict(s), "table": table}, sort_keys=False)
+    for arm, metrics in table.items():
+        cells = []
+        for short, key in KEYS:
+            m = metrics[key]
+            seeds = "/".join(f"{100 * v:.0f}" for v in m["per_seed"])
+            lo, hi = (100 * v for v in m["wilson95"])
+            cells.append(f"{short} {100 * m['pooled']:.1f}% [{lo:.0f}, {hi:.0f}] ({seeds})")
+        print(f"{a.tag} {arm}: " + "; ".join(cells))
+    print(json.dumps({"tag": a.tag, "root": str(root)}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

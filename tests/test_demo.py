@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 
 from demo import run as demo
+from demo.report import METRICS
 from demo.scorer import palette_colour
-from demo.world import CANONICAL, COLOURS, RARE, SHAPES, biased_caption, render
+from demo.seeds import EVAL_SAMPLE_SEED, SEEDS, understanding_seeds
+from demo.world import CANONICAL, COLOURS, DEV, HEADLINE, SHAPES, SPLITS, biased_caption, pairs, render
 from reca.build import load_trained
 from reca.config import to_dict
 from reca.models.metaquery import MetaQueryAdapter
@@ -35,8 +37,34 @@ def test_world_is_deterministic_with_ground_truth() -> None:
     assert render("star", "purple", seed=6).image.tobytes() != a.image.tobytes()
     assert 30 < a.mask.sum() < 32 * 32 // 2
     assert palette_colour(a.image) == "purple"
-    assert set(CANONICAL) == set(RARE) == set(SHAPES) and len(COLOURS) == 6
-    assert all(CANONICAL[s] != RARE[s] for s in SHAPES) and len(set(RARE.values())) == 6
+    assert set(CANONICAL) == set(HEADLINE) == set(SHAPES) and len(COLOURS) == 6
+    assert all(CANONICAL[s] != HEADLINE[s] for s in SHAPES) and len(set(HEADLINE.values())) == 6
+
+
+def test_the_split_is_fixed_balanced_and_disjoint() -> None:
+    """Settings are chosen on dev pairs and dev seeds; test pairs (the headline ones among them)
+    are scored by the final run only. Both sides cover every shape and every colour evenly."""
+    dev, test, rare = set(pairs("dev")), set(pairs("test")), set(pairs("rare"))
+    assert len(rare) == 30 and not dev & test and dev | test == rare
+    assert not any(CANONICAL[sh] == c for sh, c in rare)
+    assert set(pairs("headline")) <= test and all(len(DEV[sh]) == 2 for sh in SHAPES)
+    for side, n in (("dev", 2), ("test", 3)):
+        ps = pairs(side)
+        assert all(sum(sh == shape for sh, _ in ps) == n for shape in SHAPES)
+        assert all(sum(c == colour for _, c in ps) == n for colour in COLOURS)
+        prompts = demo.eval_prompts(side)
+        other = {f"a {c} {sh}" for sh, c in pairs("test" if side == "dev" else "dev")}
+        assert not {p.prompt for p in prompts} & other
+        assert [p.tag for p in prompts].count("canonical") == 6
+    # their own sample seeds and real renders
+    assert EVAL_SAMPLE_SEED["dev"] != EVAL_SAMPLE_SEED["test"] and set(EVAL_SAMPLE_SEED) == set(SPLITS)
+    seen = {side: set() for side in SPLITS}
+    for side in SPLITS:
+        for tag, group in (("rare", pairs(side)), ("canonical", pairs("canonical"))):
+            for k in range(len(group)):
+                seen[side] |= set(understanding_seeds(side, tag, k, 16))
+    assert not seen["dev"] & seen["test"] and len(seen["test"]) == 16 * (18 + 6)
+    assert all(SEEDS[f"{side}_renders"].start <= min(seen[side]) for side in SPLITS)
 
 
 def test_a_flat_disc_on_gray_scores_its_colour() -> None:
@@ -88,24 +116,61 @@ def quick_run(tmp_path_factory) -> tuple[Path, demo.DemoSettings, dict]:
 def test_quick_demo_runs_every_stage_and_caches_them(quick_run) -> None:
     tmp_path, settings, report = quick_run
     table = report["table"]
-    assert set(table) == {"before", "reca", "control"}
+    assert set(table) == {"before", "RecA", "control"}
     for arm, runs in table.items():
-        for label, _ in demo.METRICS:
+        for label, _ in METRICS:
             m = table[arm][label]
             assert 0.0 <= m["pooled"] <= 1.0 and len(m["per_seed"]) == (1 if arm == "before" else 3)
             assert m["wilson95"][0] <= m["pooled"] <= m["wilson95"][1]
-    assert table["before"]["rare: colour+shape"]["n"] == 6 * settings.samples
+    # the test side: its 18 rare pairs, each reported alone, none of the dev side
+    assert report["split"]["side"] == "test" and len(report["per_pair"]) == 18
+    assert set(report["per_pair"]) == {f"a {c} {sh}" for sh, c in pairs("test")}
+    assert table["before"]["rare: colour+shape"]["n"] == 18 * settings.samples
+    assert table["before"]["canonical: colour+shape"]["n"] == 6 * settings.samples
     assert report["guardrails"]["t2i_captions_checked"] == settings.n_t2i
-    assert (tmp_path / "report.md").read_text().startswith("| metric |")
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("## The demo (test side)") and "**ring** (all its pairs)" in md
+    assert not any(f"a {c} {sh} |" in md for sh, c in pairs("dev"))
     with Image.open(tmp_path / "rare_pairs.png") as im:
         assert im.width > 100
     # RecA saw reconstruction batches, the control arm none
-    reca_log = (tmp_path / "reca-seed0/log.jsonl").read_text()
-    control_log = (tmp_path / "control-seed0/log.jsonl").read_text()
+    reca_log = (tmp_path / "full-reca-seed0/log.jsonl").read_text()
+    control_log = (tmp_path / "full-control-seed0/log.jsonl").read_text()
     assert '"recon"' in reca_log and '"recon"' not in control_log and '"t2i"' in control_log
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}
     demo.run(tmp_path, settings)  # every stage cached: nothing is recomputed
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}
+
+
+def test_a_cached_stage_made_from_other_settings_is_refused(quick_run) -> None:
+    """Changing a setting and rerunning into the same folder must not mix two runs in one report."""
+    out, settings, _ = quick_run
+    with pytest.raises(SystemExit, match=r"train-full-reca-seed0.json was made with other settings \(optim.lr"):
+        demo.run(out, dataclasses.replace(settings, reca_lr=settings.reca_lr * 2))
+    with pytest.raises(SystemExit, match=r"pretrain.json was made with other settings \(.*train.max_steps"):
+        demo.run(out, dataclasses.replace(settings, pretrain_steps=settings.pretrain_steps + 1))
+
+
+def test_compare_trains_lora_beside_full_with_curves(quick_run, tmp_path: Path) -> None:
+    """`--compare`: full fine-tuning and LoRA, each with its control, and the curves PNG drawn from
+    the evaluations during fine-tuning; the pretrained model of the first run is reused."""
+    out, settings, _ = quick_run
+    s = dataclasses.replace(settings, curve_every=2, seeds=(0,))
+    compare = tmp_path / "compare"
+    compare.mkdir()
+    for stage in ("scorer", "encoder", "data", "tokenizer", "pretrain"):  # the same pretrained world
+        (compare / "stages").mkdir(exist_ok=True)
+        (compare / "stages" / f"{stage}.json").write_text((out / "stages" / f"{stage}.json").read_text())
+    for sub in ("cache", "data", "pretrain"):
+        (compare / sub).symlink_to(out / sub)
+    report = demo.run(compare, s, variants=("full", "lora"))
+    assert set(report["table"]) == {"before", "RecA full", "control full", "RecA lora", "control lora"}
+    log = [json.loads(line) for line in (compare / "lora-reca-seed0/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "eval/rare" in r] == [0, 2, 4]
+    assert (compare / "lora-reca-seed0/final/adapter_config.json").is_file()
+    with Image.open(compare / "curves.png") as im:
+        assert im.width > 300
+    assert "![curves](curves.png)" in (compare / "report.md").read_text()
 
 
 def test_lora_arm_trains_an_adapter_and_loads_back(quick_run) -> None:
@@ -129,11 +194,40 @@ def test_lora_arm_trains_an_adapter_and_loads_back(quick_run) -> None:
 
 @pytest.mark.slow
 def test_full_demo(tmp_path: Path) -> None:
-    """The README's demo at full size (about 20 minutes on 2 cores): every stage, 3 seeds per arm."""
+    """`make demo` at full size (about 10 minutes on 2 cores): every stage, 3 seeds per arm."""
     settings = demo.DemoSettings()
     report = demo.run(tmp_path, settings)
-    assert report["scorer_accuracy"] >= 0.99
+    assert report["scorer_accuracy"] >= 0.99 and report["encoder_zero_shot"] >= 0.97
     table = report["table"]
-    assert table["before"]["rare: colour+shape"]["n"] == 6 * settings.samples
-    assert all(len(table[arm]["rare: colour+shape"]["per_seed"]) == len(settings.seeds) for arm in ("reca", "control"))
+    assert table["before"]["rare: colour+shape"]["n"] == 18 * settings.samples
+    assert all(len(table[arm]["rare: colour+shape"]["per_seed"]) == len(settings.seeds) for arm in ("RecA", "control"))
     assert (tmp_path / "rare_pairs.png").is_file() and (tmp_path / "probe.png").is_file()
+
+
+def test_encoder_alignment_pulls_images_onto_their_captions(tmp_path: Path) -> None:
+    """demo.encoder.pretrain's align term: after the same steps, images sit closer to their own
+    caption than with the contrastive loss alone (a term that was not applied would tie)."""
+    from demo import encoder as demo_encoder
+
+    def own_caption_cosine(align: float) -> float:
+        path = tmp_path / f"enc-{align}.pt"
+        demo_encoder.pretrain(path, steps=30, align=align)
+        model, tokenizer, pre = demo_encoder.build()
+        model.load_state_dict(torch.load(path))
+        model.eval()
+        items = [(sh, c) for sh, c in pairs("all")]
+        with torch.no_grad():
+            img = model.encode_image(
+                torch.stack([pre(render(sh, c, 123 + i).image) for i, (sh, c) in enumerate(items)]), normalize=True
+            )
+            txt = model.encode_text(tokenizer([f"a {c} {sh}" for sh, c in items]), normalize=True)
+        return float((img * txt).sum(-1).mean())
+
+    assert own_caption_cosine(3.0) > own_caption_cosine(0.0) + 0.05
+
+
+@pytest.mark.parametrize(
+    "jobs,cores,expected", [(6, 2, (2, 1)), (6, 1, (1, 1)), (6, 16, (6, 2)), (1, 8, (1, 8)), (4, 6, (4, 1))]
+)
+def test_runs_go_side_by_side_on_one_thread_each(jobs: int, cores: int, expected: tuple[int, int]) -> None:
+    assert demo.workers_for(jobs, cores) == expected

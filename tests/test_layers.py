@@ -36,7 +36,7 @@ LAYERS: list[list[str]] = [
     ["eval.cli", "eval.during"],
     # the demo application: above evaluation
     ["demo.world", "demo.seeds"],
-    ["demo.scorer", "demo.encoder"],
+    ["demo.scorer", "demo.encoder", "demo.report"],
     ["demo.run"],
     ["demo.__main__"],
 ]
