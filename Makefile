@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.reca-installed
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-.PHONY: demo lint test test-slow env clean
+.PHONY: demo demo-compare lint test test-slow env clean
 
 env: $(STAMP)
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m demo --out runs/demo
+
+demo-compare: $(STAMP)
+	$(PY) -m demo --compare --out runs/demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
