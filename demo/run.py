@@ -366,8 +366,9 @@ def eval_prompts(split: str):
 def write_prompts(path: Path, split: str) -> Path:
     """:func:`eval_prompts` as a GenEval-schema file, for ``eval.prompts``."""
     rows = [{"tag": p.tag, "include": p.include, "prompt": p.prompt} for p in eval_prompts(split)]
-    if not path.is_file():
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if not path.is_file() or path.read_text() != text:  # never an older version's prompts
+        atomic_write_text(path, text)
     return path
 
 

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from demo.run import I2T_PROMPT, eval_prompts, world_vocabulary
+from demo.world import SPLITS
 from reca.build import build
 from reca.config import load_config
 from reca.models.tokenizer import UNK, byte_tokenizer, save_word_tokenizer, word_tokenizer
@@ -34,7 +35,11 @@ def test_demo_vocabulary_covers_every_text_its_lm_reads() -> None:
 
     assert I2T_PROMPT == load_config(ROOT / "demo/config.yaml").objectives.i2t_prompt  # training and eval ask alike
     tok = word_tokenizer(world_vocabulary())
-    texts = [p.prompt for p in eval_prompts()] + list(INSTRUCTIONS) + [I2T_PROMPT, "a star", "a red ring"]
+    texts = (
+        [p.prompt for side in SPLITS for p in eval_prompts(side)]
+        + list(INSTRUCTIONS)
+        + [I2T_PROMPT, "a star", "a red ring"]
+    )
     for text in texts:
         assert tok.unk_token_id not in tok(text, add_special_tokens=False).input_ids, text
 
