@@ -379,7 +379,7 @@ def evaluate(out: Path, name: str, checkpoint: Path, s: DemoSettings, scorer: Wo
     from reca.build import load_trained
 
     adapter, encoder = load_trained(*eval_config(out, checkpoint, s.lora))
-    run_dir = out / "eval" / name
+    run_dir = out / "eval" / s.split / name  # one folder per side: a dev run never meets a test run's images
     generate(
         adapter,
         eval_prompts(s.split),
@@ -645,11 +645,12 @@ def write_report(out, settings, variants, results, runs, probes, prep, timings) 
     )
     atomic_write_text(out / "report.md", md)
     seed0 = settings.seeds[0]
-    columns = {"before": out / "eval/before"}
+    side = out / "eval" / settings.split
+    columns = {"before": side / "before"}
     for variant in variants:
         suffix = f" {variant}" if len(variants) > 1 else ""
-        columns[f"RecA{suffix} (seed {seed0})"] = out / f"eval/{variant}-reca-seed{seed0}"
-        columns[f"control{suffix} (seed {seed0})"] = out / f"eval/{variant}-control-seed{seed0}"
+        columns[f"RecA{suffix} (seed {seed0})"] = side / f"{variant}-reca-seed{seed0}"
+        columns[f"control{suffix} (seed {seed0})"] = side / f"{variant}-control-seed{seed0}"
     headline = {f"a {c} {sh}" for sh, c in pairs("headline")}
     prompts = [p for p in eval_prompts(settings.split) if p.prompt in headline] or [
         p for p in eval_prompts(settings.split) if p.tag == "rare"

@@ -133,6 +133,8 @@ def test_quick_demo_runs_every_stage_and_caches_them(quick_run) -> None:
     assert not any(f"a {c} {sh} |" in md for sh, c in pairs("dev"))
     with Image.open(tmp_path / "rare_pairs.png") as im:
         assert im.width > 100
+    # each side's images in their own folders, so a dev run never resumes into a test run's
+    assert (tmp_path / "eval/test/before/manifest.json").is_file() and not (tmp_path / "eval/dev").exists()
     # RecA saw reconstruction batches, the control arm none
     reca_log = (tmp_path / "full-reca-seed0/log.jsonl").read_text()
     control_log = (tmp_path / "full-control-seed0/log.jsonl").read_text()
