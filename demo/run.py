@@ -17,6 +17,7 @@ import functools
 import importlib.resources
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,7 +39,7 @@ from demo.seeds import (
     understanding_seeds,
 )
 from demo.world import CANONICAL, SPLITS, biased_caption, dense_caption, is_canonical, pairs, render
-from reca.config import Config, derive, load_config, validate
+from reca.config import Config, ConfigError, derive, load_config, validate
 from reca.io import atomic_dir, atomic_write_json, atomic_write_text
 from reca.models.tokenizer import save_word_tokenizer
 
@@ -117,14 +118,14 @@ def cached(path: Path, make: Callable[[], dict], key: dict | None = None) -> dic
     """Run a stage once; its result JSON is written atomically after the stage has finished.
     ``key`` is what the stage was made from (a config, the settings it reads): a stage cached
     from another key is refused, never silently reused."""
+    from reca.trainer import config_changes
+
     key = json.loads(json.dumps(key if key is not None else {}, default=str))
     if path.is_file():
         result = json.loads(path.read_text())
-        if result.get("key", {}) != key:
-            theirs = result.get("key", {})
-            diff = sorted(k for k in set(key) | set(theirs) if key.get(k) != theirs.get(k))
-            raise SystemExit(
-                f"error: {path} was made with other settings ({', '.join(diff)[:300]}); "
+        if changes := config_changes(result.get("key", {}), key):
+            raise ConfigError(
+                f"{path} was made with other settings ({', '.join(c.strip() for c in changes)[:300]}); "
                 f"use a fresh --out, or delete {path.parent.parent} to start over"
             )
         return result
@@ -135,17 +136,11 @@ def cached(path: Path, make: Callable[[], dict], key: dict | None = None) -> dic
 
 
 def config_key(cfg: Config, out: Path) -> dict:
-    """A training stage's key: its whole config, flattened (``section.key``), with the run
-    folder's own path written ``<out>`` (a moved run folder stays valid)."""
+    """A training stage's key: its whole config, with the run folder's own path written ``<out>``
+    (a moved run folder stays valid)."""
     from reca.config import to_dict
 
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in tree.items():
-            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v}
-        return out
-
-    return json.loads(json.dumps(flat(to_dict(cfg))).replace(json.dumps(str(out))[1:-1], "<out>"))
+    return json.loads(json.dumps(to_dict(cfg)).replace(json.dumps(str(out))[1:-1], "<out>"))
 
 
 def eval_key(s: "DemoSettings", checkpoint: Path) -> dict:
@@ -537,8 +532,9 @@ def arm_job(out: Path, s: DemoSettings, variant: str, arm: str, seed: int, threa
 
 def workers_for(jobs: int, cores: int | None = None) -> tuple[int, int]:
     """(processes, torch threads each) for ``jobs`` independent runs. Small models barely gain from
-    a second thread (this world's RecA step: 0.30 s on one thread, 0.28 s on two, 2-core CPU), so
-    runs go side by side on one thread each rather than one after another on all cores."""
+    a second thread (one thread is 1.22-1.34x slower than two for this world's steps,
+    ``scripts/bench_demo_step.py --compare threads``, 2-core CPU), so runs go side by side on one
+    thread each rather than one after another on all cores."""
     cores = cores or os.cpu_count() or 1
     n = max(1, min(jobs, cores))
     return n, max(1, cores // n)
@@ -687,7 +683,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = DemoSettings.quick() if a.quick else DemoSettings()
     settings = replace(settings, split=a.split)
     variants = ("full", "lora") if a.compare else ("lora",) if a.lora else ("full",)
-    run(a.out, settings, variants)
+    try:
+        run(a.out, settings, variants)
+    except ConfigError as e:  # bad input: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import yaml
@@ -24,6 +25,7 @@ import yaml
 from demo import run as demo
 from demo.report import summarise
 from demo.scorer import WorldScorer
+from reca.config import ConfigError
 from reca.io import atomic_write_json
 
 KEYS = [("rare colour+shape", "rare: colour+shape"), ("rare colour", "rare: right colour")]
@@ -36,7 +38,7 @@ def settings_from(pairs: list[str], seeds: tuple[int, ...]) -> demo.DemoSettings
     for item in pairs:
         key, sep, raw = item.partition("=")
         if not sep or key not in fields:
-            raise SystemExit(f"error: {item!r}: expected key=value with a key of DemoSettings ({', '.join(fields)})")
+            raise ConfigError(f"{item!r}: expected key=value with a key of DemoSettings ({', '.join(fields)})")
         value = yaml.safe_load(raw)
         values[key] = tuple(value) if isinstance(value, list) else value
     return dataclasses.replace(demo.DemoSettings(), split="dev", seeds=seeds, **values)
@@ -50,9 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default="reca,control", help="reca, control or both")
     p.add_argument("settings", nargs="*", help="DemoSettings overrides, key=value")
     a = p.parse_args(argv)
-    if not (a.out / "pretrain/final").is_dir():
-        raise SystemExit(f"error: {a.out}/pretrain/final is missing: run `make demo` (or python -m demo) first")
-    s = settings_from(a.settings, tuple(int(x) for x in a.seeds.split(",")))
+    try:
+        if not (a.out / "pretrain/final").is_dir():
+            raise ConfigError(f"{a.out}/pretrain/final is missing: run `make demo` (or python -m demo) first")
+        s = settings_from(a.settings, tuple(int(x) for x in a.seeds.split(",")))
+        return sweep(a, s)
+    except ConfigError as e:  # bad input: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def sweep(a: argparse.Namespace, s: demo.DemoSettings) -> int:
     root = a.out / "ablations" / a.tag
     scorer = WorldScorer.load_or_train(a.out / "cache/scorer.pt")
     results: dict[str, list[dict]] = {}

@@ -18,7 +18,7 @@ from demo.scorer import palette_colour
 from demo.seeds import EVAL_SAMPLE_SEED, SEEDS, understanding_seeds
 from demo.world import CANONICAL, COLOURS, DEV, HEADLINE, SHAPES, SPLITS, biased_caption, pairs, render
 from reca.build import load_trained
-from reca.config import to_dict
+from reca.config import ConfigError, to_dict
 from reca.models.metaquery import MetaQueryAdapter
 from reca.objectives import OBJECTIVES
 
@@ -147,9 +147,9 @@ def test_quick_demo_runs_every_stage_and_caches_them(quick_run) -> None:
 def test_a_cached_stage_made_from_other_settings_is_refused(quick_run) -> None:
     """Changing a setting and rerunning into the same folder must not mix two runs in one report."""
     out, settings, _ = quick_run
-    with pytest.raises(SystemExit, match=r"train-full-reca-seed0.json was made with other settings \(optim.lr"):
+    with pytest.raises(ConfigError, match=r"train-full-reca-seed0.json was made with other settings \(optim.lr"):
         demo.run(out, dataclasses.replace(settings, reca_lr=settings.reca_lr * 2))
-    with pytest.raises(SystemExit, match=r"pretrain.json was made with other settings \(.*train.max_steps"):
+    with pytest.raises(ConfigError, match=r"pretrain.json was made with other settings \(.*train.max_steps"):
         demo.run(out, dataclasses.replace(settings, pretrain_steps=settings.pretrain_steps + 1))
 
 
