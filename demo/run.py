@@ -44,6 +44,7 @@ from reca.io import atomic_dir, atomic_write_json, atomic_write_text
 from reca.models.tokenizer import save_word_tokenizer
 
 INSTRUCTION = "Reconstruct this image."
+CURVE_EVERY = 200  # steps between the points of the curves, with --compare
 I2T_PROMPT = "Describe the image."  # demo/config.yaml objectives.i2t_prompt
 
 
@@ -52,20 +53,22 @@ class DemoSettings:
     n_t2i: int = 6_000
     n_i2t: int = 12_000
     n_recon: int = 12_000
-    # 1,200 steps: the generator then draws canonical pairs right ~88 % of the time (docs/demo.md).
+    # 1,200 steps: the generator then draws canonical pairs right 81-85 % of the time (docs/demo.md).
     # Understanding is learnt long before, so a quarter of the batch is image-to-text: the same 48
     # text-to-image samples a step as a 48 + 48 batch, 15% faster.
     pretrain_steps: int = 1200
     pretrain_batch: int = 64
     pretrain_shares: dict = field(default_factory=lambda: {"recon": 0.0, "t2i": 0.75, "i2t": 0.25})
-    # 1,000 steps: the first ~200 steps of RecA break canonical prompts (their colour+shape falls
+    # 1,000 steps: the first ~200 steps of RecA break canonical prompts (their colour+shape fell
     # from ~90 % to ~30 % on the dev side), the rest of the run rebuilds them while rare prompts
-    # rise (docs/demo.md, "How long RecA must run"); 200 or 400 steps stop inside that dip.
+    # rise (docs/demo.md, "How long RecA must run"); 200 or 400 steps stopped inside that dip.
     reca_steps: int = 1000
-    reca_batch: int = 64
-    # Harmon's mixture, recon : image-to-text : text-to-image = 2 : 2 : 0 (`repeat = [2, 2, 0]` in the
-    # official RecA repository's Harmon/configs/datasets/qwen2_5_1_5b/image2text_recon_mid.py).
-    reca_shares: dict = field(default_factory=lambda: {"recon": 0.5, "t2i": 0.0, "i2t": 0.5})
+    reca_batch: int = 40
+    # 32 reconstruction + 8 image-to-text samples a step (recon : i2t : t2i = 4 : 1 : 0). Harmon's
+    # mixture is 2 : 2 : 0 (`repeat = [2, 2, 0]` in the official RecA repository's
+    # Harmon/configs/datasets/qwen2_5_1_5b/image2text_recon_mid.py); a smaller image-to-text share kept
+    # understanding and the result on the dev side at 0.7x the step time (docs/demo.md).
+    reca_shares: dict = field(default_factory=lambda: {"recon": 0.8, "t2i": 0.0, "i2t": 0.2})
     reca_lr: float = 5e-4
     reca_schedule: str = "cosine"  # 5% warmup then cosine, as Harmon (Harmon/configs/examples/reca.py)
     # Which parts fine-tuning trains (full fine-tuning): empty = all that pretraining trained.
@@ -81,8 +84,9 @@ class DemoSettings:
     lora_rank: int = 16
     lora_lr: float = 2e-3  # LoRA's usual ~4x the full fine-tuning rate; not tuned on the test side
     lora_targets: tuple = ()  # empty = the adapter's default LoRA targets
-    # Evaluation during fine-tuning every N steps (eval.every), for the curves; 0 = off.
-    curve_every: int = 200
+    # Evaluation during fine-tuning every N steps (eval.every), for the curves; 0 = off. `make demo`
+    # leaves them off (about 8 % of its time); `--compare` draws them every CURVE_EVERY steps.
+    curve_every: int = 0
     curve_images: int = 4  # images per prompt at each point of the curves
     seeds: tuple = (0, 1, 2)
     split: str = "test"  # the side of the rare pairs the evaluation scores (demo.world.SPLITS)
@@ -482,13 +486,61 @@ def probe(out: Path, name: str, checkpoint: Path, s: DemoSettings) -> dict:
 # ------------------------------------------------------------------------------ main
 
 
-def prepare(out: Path, s: DemoSettings) -> dict:
-    """Scorer, frozen encoder, data pools, tokenizer, pretrained UMM: each a cached stage."""
+def scorer_stage(out: Path, threads: int) -> dict:
+    """The world scorer, a cached stage (it needs nothing else, so it can run in a worker process)."""
+    torch.set_num_threads(threads)
+    path = out / "cache/scorer.pt"
+    return cached(out / "stages/scorer.json", lambda: {"accuracy": WorldScorer.load_or_train(path).accuracy})
+
+
+def free_cores(sample_s: float = 0.5) -> int:
+    """Cores that other processes leave idle, measured over ``sample_s`` (psutil.cpu_percent).
+    torch on as many threads as cores runs ~3x slower when another process holds one of them
+    (docs/demo.md, "Time"); on the free cores only, it loses just that core."""
+    import psutil
+
+    cores = os.cpu_count() or 1
+    busy = psutil.cpu_percent(interval=sample_s) / 100 * cores
+    return max(1, min(cores, round(cores - busy)))
+
+
+def prepare(out: Path, s: DemoSettings, threads: int) -> dict:
+    """Scorer, frozen encoder, data pools, tokenizer, pretrained UMM: each a cached stage, on
+    ``threads`` cores. The scorer trains in a second process while this one makes the encoder,
+    data and tokenizer, one core each (they need nothing from each other); pretraining then has
+    all ``threads``."""
     st = out / "stages"
-    scorer = cached(
-        st / "scorer.json", lambda: {"accuracy": WorldScorer.load_or_train(out / "cache/scorer.pt").accuracy}
+    side_by_side = threads > 1 and not (st / "scorer.json").is_file()
+    pool = spawn_pool(1) if side_by_side else None
+    try:
+        job = pool.submit(scorer_stage, out, 1) if pool else None
+        torch.set_num_threads(threads - 1 if side_by_side else threads)
+        enc, data, tok = _encoder_data_tokenizer(out, s)
+        scorer = job.result() if job else scorer_stage(out, threads)
+    finally:
+        if pool:
+            pool.shutdown()
+    torch.set_num_threads(threads)
+    pre_cfg = pretrain_config(out, s)
+    pre = cached(
+        st / "pretrain.json",
+        lambda: train(out / "pretrain", pre_cfg),
+        config_key(pre_cfg, out) | encoder_key(s) | data_sizes(s),
     )
-    enc_key = {"encoder_steps": s.encoder_steps, "encoder_align": s.encoder_align}
+    stages = {"scorer": scorer, "encoder": enc, "data": data, "tokenizer": tok, "pretrain": pre}
+    return {"stages": stages, "timings": {k: v["seconds"] for k, v in stages.items()}}
+
+
+def encoder_key(s: DemoSettings) -> dict:
+    return {"encoder_steps": s.encoder_steps, "encoder_align": s.encoder_align}
+
+
+def data_sizes(s: DemoSettings) -> dict:
+    return {"t2i": s.n_t2i, "i2t": s.n_i2t, "recon": s.n_recon}
+
+
+def _encoder_data_tokenizer(out: Path, s: DemoSettings) -> tuple[dict, dict, dict]:
+    st = out / "stages"
     enc = cached(
         st / "encoder.json",
         lambda: {
@@ -496,9 +548,9 @@ def prepare(out: Path, s: DemoSettings) -> dict:
                 out / "cache/encoder.pt", steps=s.encoder_steps, align=s.encoder_align
             )
         },
-        enc_key,
+        encoder_key(s),
     )
-    sizes = {"t2i": s.n_t2i, "i2t": s.n_i2t, "recon": s.n_recon}
+    sizes = data_sizes(s)
     data = cached(
         st / "data.json",
         lambda: {k: write_pool(out / "data" / k, k, n) for k, n in sizes.items()} | {"audit": audit_data(out / "data")},
@@ -507,12 +559,7 @@ def prepare(out: Path, s: DemoSettings) -> dict:
     tok = cached(
         st / "tokenizer.json", lambda: {"path": str(save_word_tokenizer(world_vocabulary(), out / "cache/tokenizer"))}
     )
-    pre_cfg = pretrain_config(out, s)
-    pre = cached(
-        st / "pretrain.json", lambda: train(out / "pretrain", pre_cfg), config_key(pre_cfg, out) | enc_key | sizes
-    )
-    stages = {"scorer": scorer, "encoder": enc, "data": data, "tokenizer": tok, "pretrain": pre}
-    return {"stages": stages, "timings": {k: v["seconds"] for k, v in stages.items()}}
+    return enc, data, tok
 
 
 def arm_job(out: Path, s: DemoSettings, variant: str, arm: str, seed: int, threads: int) -> dict:
@@ -530,6 +577,14 @@ def arm_job(out: Path, s: DemoSettings, variant: str, arm: str, seed: int, threa
     return {"name": name, "train": tr, "eval": ev}
 
 
+def spawn_pool(workers: int):
+    """A process pool whose workers are fresh interpreters (spawn): no state forked from this one."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def workers_for(jobs: int, cores: int | None = None) -> tuple[int, int]:
     """(processes, torch threads each) for ``jobs`` independent runs. Small models barely gain from
     a second thread (one thread is 1.22-1.34x slower than two for this world's steps,
@@ -544,11 +599,13 @@ def run(out: Path, settings: DemoSettings, variants: tuple[str, ...] = ("full",)
     """The demo: ``variants`` are "full" (full fine-tuning) and/or "lora", each a RecA arm and its
     control over ``settings.seeds``, all evaluated on ``settings.split``."""
     check_guardrails()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    free = free_cores()  # before this process starts anything
+    torch.set_num_threads(free)
     for sub in ("cache", "stages"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     st, split = out / "stages", settings.split
-    prep = prepare(out, settings)
+    prep = prepare(out, settings, free)
+    prep["cores"] = {"cpu_count": os.cpu_count() or 1, "free_at_start": free}
     timings = dict(prep["timings"])
     scorer = WorldScorer.load_or_train(out / "cache/scorer.pt")
     before = cached(
@@ -566,15 +623,14 @@ def run(out: Path, settings: DemoSettings, variants: tuple[str, ...] = ("full",)
             label = ("RecA" if arm == "reca" else "control") + (f" {variant}" if len(variants) > 1 else "")
             results[label], runs[label] = [], []
             jobs += [(label, (out, s, variant, arm, seed)) for seed in s.seeds]
+    # all cores, even when one is busy: two runs side by side on one thread each then share the
+    # cores with the other process (~1.5x slower each), which still beats one run at a time (2x)
     n, threads = workers_for(len(jobs))
     started = time.time()
     if n == 1:
         done = [arm_job(*args, threads) for _, args in jobs]
-    else:  # spawn: a fresh interpreter per worker, no state forked from this one
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+    else:
+        with spawn_pool(n) as pool:
             done = list(pool.map(arm_job, *zip(*[(*args, threads) for _, args in jobs])))
     timings[f"fine-tuning and evaluation, {len(jobs)} runs on {n} worker(s) × {threads} thread(s)"] = round(
         time.time() - started, 1
@@ -584,7 +640,7 @@ def run(out: Path, settings: DemoSettings, variants: tuple[str, ...] = ("full",)
         timings[f"eval {job['name']}"] = job["eval"]["seconds"]
         results[label].append(job["eval"])
         runs[label].append(out / job["name"])
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(free)
     first, seed0 = variants[0], settings.seeds[0]
     probes = {}
     for label, name, ckpt in (
@@ -617,6 +673,7 @@ def write_report(out, settings, variants, results, runs, probes, prep, timings) 
         "table": table,
         "per_pair": report.per_pair(results),
         "timings": timings,
+        "cores": prep["cores"],
     }
     atomic_write_json(out / "report.json", summary, sort_keys=False)
     s = settings
@@ -635,7 +692,7 @@ def write_report(out, settings, variants, results, runs, probes, prep, timings) 
         + ("\n![curves](curves.png)\n" if has_curves else "")
         + "\n### Entropy probe (seed-0 checkpoints; probe.png)\n\n"
         + probe_compare(probe_results)
-        + "\nStage timings (s): "
+        + f"\nCores: {prep['cores']['cpu_count']}, free at start {prep['cores']['free_at_start']}. Stage timings (s): "
         + ", ".join(f"{k} {v}" for k, v in timings.items())
         + "\n"
     )
@@ -682,6 +739,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     settings = DemoSettings.quick() if a.quick else DemoSettings()
     settings = replace(settings, split=a.split)
+    if a.compare and not a.quick:
+        settings = replace(settings, curve_every=CURVE_EVERY)
     variants = ("full", "lora") if a.compare else ("lora",) if a.lora else ("full",)
     try:
         run(a.out, settings, variants)

@@ -2,11 +2,13 @@
 kinds — pretraining, RecA, control — under two variants of one choice, measured in one run on
 small freshly rendered pools. Prints median seconds per step and the ratio B/A.
 
-    python scripts/bench_demo_step.py [--compare tokenizer|patch|threads] [--steps 25]
+    python scripts/bench_demo_step.py [--compare tokenizer|patch|threads|umm|mixture] [--steps 25]
 
 tokenizer: byte-level fallback (A) vs the word-level tokenizer (B), 2 threads; patch: the DiT's
 patch size 4 (A) vs 8 (B, the demo's), 2 threads; threads: the demo's config on 2 torch threads
-(A) vs 1 (B) — with B/A below 2, two runs side by side on one thread each beat one run on two.
+(A) vs 1 (B) — with B/A below 2, two runs side by side on one thread each beat one run on two;
+umm: the previous UMM, 4-layer LM and 6-block DiT (A), vs the demo's 2 and 4 (B), one thread;
+mixture: fine-tuning at Harmon's 2 : 2 : 0 × 64 (A) vs the demo's 4 : 1 : 0 × 40 (B), one thread.
 The reconstruction arm uses the demo's condition (``DemoSettings.keep_tokens``).
 """
 
@@ -34,12 +36,12 @@ ARMS = {  # name: (batch, shares) as demo/run.py sets them
 }
 
 
-def _without_tokenizer(cfg):  # no tokenizer configured: the byte-level fallback for random LMs
+def _without_tokenizer(cfg, arm):  # no tokenizer configured: the byte-level fallback for random LMs
     return derive(cfg, model={"args": {k: v for k, v in cfg.model.args.items() if k != "tokenizer"}})
 
 
 def _patch(size: int):
-    def change(cfg):
+    def change(cfg, arm):
         args = cfg.model.args
         return derive(
             cfg, model={"args": {**args, "transformer_config": {**args["transformer_config"], "patch_size": size}}}
@@ -48,14 +50,42 @@ def _patch(size: int):
     return change
 
 
-def _same(cfg):
+def _same(cfg, arm):
     return cfg
+
+
+def _layers(lm: int, dit: int):
+    def change(cfg, arm):
+        args = cfg.model.args
+        return derive(
+            cfg,
+            model={
+                "args": {
+                    **args,
+                    "lm_config": {**args["lm_config"], "num_hidden_layers": lm},
+                    "transformer_config": {**args["transformer_config"], "num_layers": dit},
+                }
+            },
+        )
+
+    return change
+
+
+def _harmon_mixture(cfg, arm):  # fine-tuning at Harmon's 2 : 2 : 0, 64 a step (32 + 32)
+    if arm == "pretrain":
+        return cfg
+    harmon = demo.DemoSettings(reca_batch=64, reca_shares={"recon": 0.5, "t2i": 0.0, "i2t": 0.5})
+    return derive(demo.with_shares(cfg, demo.arm_shares(harmon, arm)), train={"batch_size": harmon.reca_batch})
 
 
 VARIANTS = {  # --compare: {label: (torch threads, config change)}, A then B
     "tokenizer": {"byte": (2, _without_tokenizer), "word": (2, _same)},
     "patch": {"patch4": (2, _patch(4)), "patch8": (2, _patch(8))},
     "threads": {"2threads": (2, _same), "1thread": (1, _same)},
+    # the previous UMM (4-layer LM, 6-block DiT) against the demo's (2, 4); one thread, as the runs
+    "umm": {"lm4-dit6": (1, _layers(4, 6)), "lm2-dit4": (1, _same)},
+    # fine-tuning at Harmon's 2 : 2 : 0 × 64 against the demo's 4 : 1 : 0 × 40 (32 + 8); one thread
+    "mixture": {"harmon-64": (1, _harmon_mixture), "demo-40": (1, _same)},
 }
 
 
@@ -78,9 +108,8 @@ def main() -> None:
         for arm, (batch, shares) in ARMS.items():
             run = a.out / f"run-{a.compare}-{label}-{arm}"
             shutil.rmtree(run, ignore_errors=True)
-            cfg = change(demo.base_config(a.out))
             cfg = derive(
-                cfg,
+                demo.base_config(a.out),
                 optim={"warmup_steps": 1},
                 objectives={"recon": {"keep_tokens": S.keep_tokens, "instruction_dropout": S.instruction_dropout}},
                 train={
@@ -92,7 +121,7 @@ def main() -> None:
                     "output_dir": str(run),
                 },
             )
-            cfg = demo.with_shares(cfg, shares)
+            cfg = change(demo.with_shares(cfg, shares), arm)
             validate(cfg)
             fit(cfg)
             steps = [json.loads(line)["time/step"] for line in (run / "log.jsonl").read_text().splitlines()]

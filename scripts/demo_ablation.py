@@ -62,24 +62,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def arm_run(out: Path, root: Path, tag: str, s: demo.DemoSettings, arm: str, seed: int, threads: int) -> dict:
+    """One fine-tuning run and its dev evaluation, each a cached stage; runs in a worker process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    run = root / f"{arm}-seed{seed}"
+    cfg = demo.finetune_config(out, s, arm, seed)
+    demo.cached(root / f"train-{arm}-seed{seed}.json", lambda: demo.train(run, cfg), demo.config_key(cfg, out))
+    scorer = WorldScorer.load_or_train(out / "cache/scorer.pt")
+    return demo.cached(
+        root / f"eval-dev-{arm}-seed{seed}.json",
+        lambda: demo.evaluate(out, f"ablation-{tag}-{arm}-seed{seed}", run / "final", s, scorer),
+        demo.eval_key(s, run / "final"),
+    )
+
+
 def sweep(a: argparse.Namespace, s: demo.DemoSettings) -> int:
     root = a.out / "ablations" / a.tag
-    scorer = WorldScorer.load_or_train(a.out / "cache/scorer.pt")
+    jobs = [(arm, seed) for arm in a.arms.split(",") for seed in s.seeds]
+    n, threads = demo.workers_for(len(jobs))  # side by side on one thread each, as the demo's runs
+    args = [(a.out, root, a.tag, s, arm, seed, threads) for arm, seed in jobs]
+    if n == 1:
+        done = [arm_run(*x) for x in args]
+    else:
+        with demo.spawn_pool(n) as pool:
+            done = list(pool.map(arm_run, *zip(*args)))
     results: dict[str, list[dict]] = {}
-    for arm in a.arms.split(","):
-        for seed in s.seeds:
-            run = root / f"{arm}-seed{seed}"
-            demo.cached(
-                root / f"train-{arm}-seed{seed}.json",
-                lambda: demo.train(run, demo.finetune_config(a.out, s, arm, seed)),
-            )
-            name = f"ablation-{a.tag}-{arm}-seed{seed}"
-            results.setdefault(arm, []).append(
-                demo.cached(
-                    root / f"eval-dev-{arm}-seed{seed}.json",
-                    lambda: demo.evaluate(a.out, name, run / "final", s, scorer),
-                )
-            )
+    for (arm, _), result in zip(jobs, done):
+        results.setdefault(arm, []).append(result)
     table = summarise(results)
     atomic_write_json(root / "summary.json", {"settings": dataclasses.asdict(s), "table": table}, sort_keys=False)
     for arm, metrics in table.items():

@@ -233,3 +233,35 @@ def test_encoder_alignment_pulls_images_onto_their_captions(tmp_path: Path) -> N
 )
 def test_runs_go_side_by_side_on_one_thread_each(jobs: int, cores: int, expected: tuple[int, int]) -> None:
     assert demo.workers_for(jobs, cores) == expected
+
+
+def test_ablation_script_runs_both_arms_on_the_dev_side_and_refuses_bad_keys(quick_run, capsys, monkeypatch) -> None:
+    """scripts/demo_ablation.py from a finished run's pretrained model: RecA and control side by
+    side, scored on the dev side only; an unknown setting is one line, exit 2."""
+    import importlib
+
+    # importable by name: the spawned workers unpickle its functions by module name
+    monkeypatch.syspath_prepend(str(Path(demo.__file__).parents[1] / "scripts"))
+    ablation = importlib.import_module("demo_ablation")
+    out, _, _ = quick_run
+    small = ["reca_steps=2", "reca_batch=8", "samples=1", "renders=1", "sample_steps=1", "lr=1"]
+    assert ablation.main(["--out", str(out), "--tag", "t", "--seeds", "0", *small]) == 2
+    assert "'lr=1': expected key=value with a key of DemoSettings" in capsys.readouterr().err
+    assert ablation.main(["--out", str(out), "--tag", "t", "--seeds", "0,1", *small[:-1]]) == 0
+    summary = json.loads((out / "ablations/t/summary.json").read_text())
+    assert summary["settings"]["split"] == "dev"
+    assert {arm: len(m["rare: colour+shape"]["per_seed"]) for arm, m in summary["table"].items()} == {
+        "reca": 2,
+        "control": 2,
+    }
+    assert summary["table"]["reca"]["rare: colour+shape"]["n"] == 2 * len(pairs("dev"))
+    assert (out / "eval/dev/ablation-t-control-seed1/manifest.json").is_file()
+
+
+@pytest.mark.parametrize("percent,cores,free", [(0.0, 2, 2), (50.0, 2, 1), (100.0, 2, 1), (25.0, 8, 6), (3.0, 2, 2)])
+def test_single_runs_use_the_cores_other_processes_leave_free(monkeypatch, percent, cores, free) -> None:
+    import psutil
+
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval: percent)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: cores)
+    assert demo.free_cores() == free

@@ -64,6 +64,30 @@ def test_understanding_loss_matches_answer_logprob(tiny) -> None:
     torch.testing.assert_close(adapter.answer_logprob(sem[1:], prompts[1:], answers[1:]), lp[1:], atol=1e-5, rtol=1e-5)
 
 
+def test_a_mixed_batch_is_each_sample_alone(tiny) -> None:
+    # prompts are tokenized once per batch over the distinct strings: each sample must still get
+    # its own instruction (or none), its own question and its own answer
+    _, adapter, encoder = tiny
+    _, sem = batch(encoder, 4)
+    instructions = ["Reconstruct.", "", "Redraw this image.", "Reconstruct."]
+    whole = adapter.condition(Condition(semantic=sem, instructions=instructions), [False, False, False, True])
+    for i, (ins, drop) in enumerate(zip(instructions, [False, False, False, True])):
+        alone = adapter.condition(Condition(semantic=sem[i : i + 1], instructions=[ins]), [drop])
+        torch.testing.assert_close(whole[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(whole[0], whole[1], atol=1e-3)  # the instruction reaches the LM
+    prompts, answers = ["Describe.", "What is it?", "Describe.", "What is it?"], ["a red square", "blue", "", "red"]
+    lp = adapter.answer_logprob(sem, prompts, answers)
+    for i in range(4):
+        alone = adapter.answer_logprob(sem[i : i + 1], prompts[i : i + 1], answers[i : i + 1])
+        torch.testing.assert_close(lp[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+    texts = ["a red square", "", "a red square", "a blue circle"]
+    whole = adapter.condition(Condition(texts=texts), [False, False, True, False])
+    for i, drop in enumerate([False, False, True, False]):
+        torch.testing.assert_close(
+            whole[i : i + 1], adapter.condition(Condition(texts=texts[i : i + 1]), [drop]), atol=1e-5, rtol=1e-5
+        )
+
+
 def test_generate_is_seeded_per_image(tiny) -> None:
     _, adapter, _ = tiny
     ims = adapter.generate(
