@@ -176,6 +176,11 @@ class OptimConfig:
     scale_lr: bool = _f(
         False, "multiply lr by processes × grad_accum × batch_size (diffusers' --scale_lr); lr is then per sample"
     )
+    fused: bool = _f(
+        False,
+        "torch AdamW's fused implementation (torch.optim.AdamW(fused=True)): one kernel over all parameters, "
+        "much faster for many small tensors (docs/training.md)",
+    )
 
 
 @dataclass
@@ -583,6 +588,7 @@ def validate_features(cfg: Config) -> None:
             cfg.optim.name in ("adamw", "adamw8bit") or ":" in cfg.optim.name,
             f"optim.name: '{cfg.optim.name}' is not adamw, adamw8bit or an import path 'package.module:Class'",
         ),
+        (not cfg.optim.fused or cfg.optim.name == "adamw", "optim.fused: only for optim.name: adamw (torch's AdamW)"),
         (
             all(getattr(cfg.objectives, n).data.max_samples >= 0 for n in OBJECTIVES),
             "objectives.<name>.data.max_samples: must be >= 0 (0 = all)",

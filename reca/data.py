@@ -18,6 +18,7 @@ import io
 import itertools
 import logging
 import math
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -87,7 +88,8 @@ def open_source(
         _require_columns(ds, src, key, need_captions)
         root = str(path.parent.resolve())
         if not src.allow_outside_root and not src.streaming:
-            outside = sum(_outside(v, root) for v in ds[src.image_column])
+            real_dirs: dict[str, str] = {}  # each folder resolved once, not once per row
+            outside = sum(_outside(v, root, real_dirs) for v in ds[src.image_column])
             if outside:
                 raise ConfigError(
                     f"{key}.allow_outside_root: {outside} image path(s) in {path} are absolute or leave its folder "
@@ -217,12 +219,25 @@ def _require_utf8(path: Path, key: str) -> None:
             offset += len(block)
 
 
-def _outside(value: Any, root: str) -> bool:
-    """Does a manifest's image path leave the manifest's folder (absolute, or through ``..``)?"""
+def _outside(value: Any, root: str, real_dirs: dict[str, str] | None = None) -> bool:
+    """Does a manifest's image path leave the manifest's folder (absolute, through ``..``, or
+    through a symlink)? ``root`` is resolved. The path is resolved as ``os.path.realpath`` would:
+    its folder once per ``real_dirs`` cache (a manifest names few folders), its file name only when
+    it is a symlink — resolving every row in full cost ~0.1 ms a row (2.3 s for 24,000)."""
     if not isinstance(value, str) or not value:
         return False
-    p = Path(value)
-    return p.is_absolute() or not (Path(root) / p).resolve().is_relative_to(root)
+    if os.path.isabs(value):
+        return True
+    joined = os.path.join(root, value)
+    folder, name = os.path.split(joined)
+    if name in ("", ".", "..") or os.path.islink(joined):
+        real = os.path.realpath(joined)
+    else:
+        cache = real_dirs if real_dirs is not None else {}
+        if folder not in cache:
+            cache[folder] = os.path.realpath(folder)
+        real = os.path.join(cache[folder], name)
+    return os.path.commonpath([real, root]) != root
 
 
 def _columns(ds: datasets.Dataset | datasets.IterableDataset) -> list[str]:

@@ -372,7 +372,8 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], world: int) ->
             cls = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"optim.name: cannot import '{o.name}' ({e})") from None
-    return cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    fused = {"fused": True} if o.fused else {}
+    return cls(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **fused)
 
 
 def loop_state(r: Run) -> dict:

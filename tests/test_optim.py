@@ -40,10 +40,12 @@ def test_adamw8bit_keeps_8bit_states_and_trains(toy_data, tmp_path, monkeypatch)
 def test_adamw8bit_without_bitsandbytes_names_the_fix(toy_data, tmp_path, monkeypatch) -> None:
     real_import = builtins.__import__
 
-    def no_bnb(name, *args, **kwargs):
-        if name.startswith("bitsandbytes"):
+    def no_bnb(name, globals=None, *args, **kwargs):
+        # only reca's import fails: diffusers' lazy modules probe bitsandbytes themselves, and would
+        # fail first when this test runs before anything imported them
+        if name.startswith("bitsandbytes") and (globals or {}).get("__name__", "").startswith("reca"):
             raise ImportError("No module named 'bitsandbytes'")
-        return real_import(name, *args, **kwargs)
+        return real_import(name, globals, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_bnb)
     cfg = load_config(TINY, tiny_overrides(toy_data, tmp_path, *QUICK, "optim.name=adamw8bit"))
@@ -74,3 +76,12 @@ def test_max_samples_keeps_the_first_rows(toy_data, tmp_path) -> None:
     stream = open_streams(cfg, adapter.resolution, encoder, 0, 0, 1)["recon"]
     seen = torch.cat([next(stream)["target"] for _ in range(4)])  # 16 draws from 3 images
     assert len({tuple(x.flatten()[:64].tolist()) for x in seen}) == 3
+
+
+def test_fused_adamw_trains_and_is_refused_for_other_optimizers(toy_data, tmp_path, monkeypatch) -> None:
+    cfg = load_config(TINY, tiny_overrides(toy_data, tmp_path, *QUICK, "optim.fused=true"))
+    opt = fit_capturing_optimizer(cfg, monkeypatch)
+    assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] is True
+    assert all(torch.isfinite(v).all() for s in opt.state.values() for v in s.values())
+    with pytest.raises(ConfigError, match=r"optim.fused: only for optim.name: adamw"):
+        load_config(TINY, tiny_overrides(toy_data, tmp_path, *QUICK, "optim.fused=true", "optim.name=torch.optim:Adam"))

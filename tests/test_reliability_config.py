@@ -124,6 +124,45 @@ def test_manifest_paths_outside_its_folder_are_refused_unless_allowed(tmp_path):
     assert len(open_source(src, need_captions=False, key="k")) == 3
 
 
+def test_a_path_that_leaves_through_a_symlink_is_outside_and_dots_inside_stay_inside(tmp_path):
+    # folders are resolved once per manifest, file names only when they are links: the answer
+    # must still be the fully resolved path's
+    from reca.data import _outside
+
+    (tmp_path / "elsewhere").mkdir()
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    (root / "linked").symlink_to(tmp_path / "elsewhere")  # a folder link leaving the root
+    (root / "sub" / "file-link.png").symlink_to(tmp_path / "elsewhere" / "x.png")
+    (root / "inner-link.png").symlink_to(root / "sub" / "a.png")  # a link that stays inside
+    r, cache = str(root.resolve()), {}
+    verdicts = {
+        v: _outside(v, r, cache)
+        for v in [
+            "a.png",
+            "sub/a.png",
+            "sub/../a.png",
+            "sub/..",
+            "linked/x.png",
+            "sub/file-link.png",
+            "inner-link.png",
+            "sub/../../x.png",
+            "..",
+        ]
+    }
+    assert verdicts == {
+        "a.png": False,
+        "sub/a.png": False,
+        "sub/../a.png": False,
+        "sub/..": False,
+        "linked/x.png": True,
+        "sub/file-link.png": True,
+        "inner-link.png": False,
+        "sub/../../x.png": True,
+        "..": True,
+    }
+
+
 def test_decompression_bomb_is_skipped_and_counted_without_a_global_setting(tmp_path):
     side = int(MAX_PIXELS**0.5) + 2
     Image.new("1", (side, side)).save(tmp_path / "bomb.png")  # tiny on disk, ~90 megapixels decoded
