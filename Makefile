@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m demo --out runs/demo
 
 demo-compare: $(STAMP)
-	$(PY) -m demo --compare --out runs/demo
+	$(PY) -m demo --compare --out runs/demo-compare
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
