@@ -585,6 +585,15 @@ def spawn_pool(workers: int):
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
+def map_side_by_side(fn: Callable, arglists: list[tuple], workers: int) -> list:
+    """``fn(*args)`` for each tuple of ``arglists``, in order: in this process for one worker,
+    else in a spawn pool of ``workers`` processes."""
+    if workers == 1:
+        return [fn(*args) for args in arglists]
+    with spawn_pool(workers) as pool:
+        return list(pool.map(fn, *zip(*arglists)))
+
+
 def workers_for(jobs: int, cores: int | None = None) -> tuple[int, int]:
     """(processes, torch threads each) for ``jobs`` independent runs. Small models barely gain from
     a second thread (one thread is 1.22-1.34x slower than two for this world's steps,
@@ -627,11 +636,7 @@ def run(out: Path, settings: DemoSettings, variants: tuple[str, ...] = ("full",)
     # cores with the other process (~1.5x slower each), which still beats one run at a time (2x)
     n, threads = workers_for(len(jobs))
     started = time.time()
-    if n == 1:
-        done = [arm_job(*args, threads) for _, args in jobs]
-    else:
-        with spawn_pool(n) as pool:
-            done = list(pool.map(arm_job, *zip(*[(*args, threads) for _, args in jobs])))
+    done = map_side_by_side(arm_job, [(*args, threads) for _, args in jobs], n)
     timings[f"fine-tuning and evaluation, {len(jobs)} runs on {n} worker(s) × {threads} thread(s)"] = round(
         time.time() - started, 1
     )

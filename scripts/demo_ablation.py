@@ -83,11 +83,7 @@ def sweep(a: argparse.Namespace, s: demo.DemoSettings) -> int:
     jobs = [(arm, seed) for arm in a.arms.split(",") for seed in s.seeds]
     n, threads = demo.workers_for(len(jobs))  # side by side on one thread each, as the demo's runs
     args = [(a.out, root, a.tag, s, arm, seed, threads) for arm, seed in jobs]
-    if n == 1:
-        done = [arm_run(*x) for x in args]
-    else:
-        with demo.spawn_pool(n) as pool:
-            done = list(pool.map(arm_run, *zip(*args)))
+    done = demo.map_side_by_side(arm_run, args, n)
     results: dict[str, list[dict]] = {}
     for (arm, _), result in zip(jobs, done):
         results.setdefault(arm, []).append(result)

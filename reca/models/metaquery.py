@@ -277,20 +277,24 @@ class MetaQueryAdapter(nn.Module):
 
     # ------------------------------------------------------------------ conditioning
 
-    def _embed_texts(self, texts: Sequence[str], bos: bool) -> list[torch.Tensor]:
-        """Token embeddings of each text (``(T_i, d)``, BOS first when ``bos``), from one tokenizer
-        call over the distinct texts. A batch repeats a few strings (the empty prompt, the
-        instruction, the question): a call per sample and per piece cost ~0.3 ms each, ~15 % of a
-        small model's training step (scripts/bench_demo_step.py)."""
+    def _token_ids(self, texts: Sequence[str]) -> dict[str, list[int]]:
+        """Token ids of each distinct text, from one tokenizer call. A batch repeats a few strings
+        (the empty prompt, the instruction, the question): a call per sample and per piece cost
+        ~0.3 ms each, ~15 % of the demo model's training step (cProfile of 10 steps)."""
         distinct = list(dict.fromkeys(texts))
         ids = self.tokenizer(
             distinct, add_special_tokens=False, truncation=True, max_length=self.cfg.max_text_tokens
         ).input_ids
+        return dict(zip(distinct, ids))
+
+    def _embed_texts(self, texts: Sequence[str], bos: bool) -> list[torch.Tensor]:
+        """Token embeddings ``(T_i, d)`` of each text, BOS first when ``bos``; each distinct text once."""
         head = [self.tokenizer.bos_token_id] if bos and self.tokenizer.bos_token_id is not None else []
         emb = self.lm.get_input_embeddings()
-        by_text = {}
-        for text, row in zip(distinct, ids):
-            by_text[text] = emb(torch.tensor(head + row, dtype=torch.long, device=emb.weight.device))
+        by_text = {
+            text: emb(torch.tensor(head + ids, dtype=torch.long, device=emb.weight.device))
+            for text, ids in self._token_ids(texts).items()
+        }
         return [by_text[t] for t in texts]
 
     def _prompt_pieces(self, cond: Condition, drop: Sequence[bool]) -> list[torch.Tensor]:
@@ -373,11 +377,7 @@ class MetaQueryAdapter(nn.Module):
         (bos,) = self._embed_texts([""], bos=True)
         sem = self.sem_proj(semantic.to(self.queries)).to(embed.weight.dtype)
         questions = self._embed_texts(prompts, bos=False)
-        distinct = list(dict.fromkeys(answers))
-        ids = self.tokenizer(
-            distinct, add_special_tokens=False, truncation=True, max_length=self.cfg.max_text_tokens
-        ).input_ids
-        answer_ids = dict(zip(distinct, ids))
+        answer_ids = self._token_ids(answers)
         rows, targets = [], []
         for i, answer in enumerate(answers):
             head = torch.cat([bos, sem[i], questions[i]])
