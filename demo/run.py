@@ -562,17 +562,23 @@ def _encoder_data_tokenizer(out: Path, s: DemoSettings) -> tuple[dict, dict, dic
     return enc, data, tok
 
 
-def arm_job(out: Path, s: DemoSettings, variant: str, arm: str, seed: int, threads: int) -> dict:
-    """One fine-tuning run and its evaluation, each a cached stage; runs in a worker process."""
+def arm_job(out: Path, s: DemoSettings, variant: str, arm: str, seed: int, threads: int, tag: str = "") -> dict:
+    """One fine-tuning run and its evaluation, each a cached stage; runs in a worker process. With
+    an ablation ``tag`` (scripts/demo_ablation.py) the run and its stage records live under
+    ``out/ablations/<tag>`` and its images under ``eval/<split>/ablation-<tag>-…``, apart from the
+    demo's own runs."""
     torch.set_num_threads(threads)
     name = f"{variant}-{arm}-seed{seed}"
-    st = out / "stages"
+    home = out / "ablations" / tag if tag else out
     cfg = finetune_config(out, s, arm, seed)
-    tr = cached(st / f"train-{name}.json", lambda: train(out / name, cfg), config_key(cfg, out))
-    checkpoint = out / name / "final"
+    tr = cached(home / "stages" / f"train-{name}.json", lambda: train(home / name, cfg), config_key(cfg, out))
+    checkpoint = home / name / "final"
     scorer = WorldScorer.load_or_train(out / "cache/scorer.pt")
+    label = f"ablation-{tag}-{name}" if tag else name
     ev = cached(
-        st / f"eval-{s.split}-{name}.json", lambda: evaluate(out, name, checkpoint, s, scorer), eval_key(s, checkpoint)
+        home / "stages" / f"eval-{s.split}-{name}.json",
+        lambda: evaluate(out, label, checkpoint, s, scorer),
+        eval_key(s, checkpoint),
     )
     return {"name": name, "train": tr, "eval": ev}
 

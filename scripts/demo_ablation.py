@@ -24,7 +24,6 @@ import yaml
 
 from demo import run as demo
 from demo.report import summarise
-from demo.scorer import WorldScorer
 from reca.config import ConfigError
 from reca.io import atomic_write_json
 
@@ -62,31 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def arm_run(out: Path, root: Path, tag: str, s: demo.DemoSettings, arm: str, seed: int, threads: int) -> dict:
-    """One fine-tuning run and its dev evaluation, each a cached stage; runs in a worker process."""
-    import torch
-
-    torch.set_num_threads(threads)
-    run = root / f"{arm}-seed{seed}"
-    cfg = demo.finetune_config(out, s, arm, seed)
-    demo.cached(root / f"train-{arm}-seed{seed}.json", lambda: demo.train(run, cfg), demo.config_key(cfg, out))
-    scorer = WorldScorer.load_or_train(out / "cache/scorer.pt")
-    return demo.cached(
-        root / f"eval-dev-{arm}-seed{seed}.json",
-        lambda: demo.evaluate(out, f"ablation-{tag}-{arm}-seed{seed}", run / "final", s, scorer),
-        demo.eval_key(s, run / "final"),
-    )
-
-
 def sweep(a: argparse.Namespace, s: demo.DemoSettings) -> int:
     root = a.out / "ablations" / a.tag
     jobs = [(arm, seed) for arm in a.arms.split(",") for seed in s.seeds]
     n, threads = demo.workers_for(len(jobs))  # side by side on one thread each, as the demo's runs
-    args = [(a.out, root, a.tag, s, arm, seed, threads) for arm, seed in jobs]
-    done = demo.map_side_by_side(arm_run, args, n)
+    variant = "lora" if s.lora else "full"
+    args = [(a.out, s, variant, arm, seed, threads, a.tag) for arm, seed in jobs]
+    done = demo.map_side_by_side(demo.arm_job, args, n)
     results: dict[str, list[dict]] = {}
-    for (arm, _), result in zip(jobs, done):
-        results.setdefault(arm, []).append(result)
+    for (arm, _), job in zip(jobs, done):
+        results.setdefault(arm, []).append(job["eval"])
     table = summarise(results)
     atomic_write_json(root / "summary.json", {"settings": dataclasses.asdict(s), "table": table}, sort_keys=False)
     for arm, metrics in table.items():

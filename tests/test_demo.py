@@ -255,7 +255,7 @@ def test_ablation_script_runs_both_arms_on_the_dev_side_and_refuses_bad_keys(qui
         "control": 2,
     }
     assert summary["table"]["reca"]["rare: colour+shape"]["n"] == 2 * len(pairs("dev"))
-    assert (out / "eval/dev/ablation-t-control-seed1/manifest.json").is_file()
+    assert (out / "eval/dev/ablation-t-full-control-seed1/manifest.json").is_file()
 
 
 @pytest.mark.parametrize("percent,cores,free", [(0.0, 2, 2), (50.0, 2, 1), (100.0, 2, 1), (25.0, 8, 6), (3.0, 2, 2)])
