@@ -3,14 +3,16 @@
 Keys are the SHA-1 of the exact encoder input tensor (the image content after the encoder's own
 preprocessing at its input resolution) inside a folder named by the encoder's identity (model,
 weights, layer, resolution) and the storage dtype — change any of these and nothing stale can be
-read. Entries live in append-only safetensors shards, each written to a temporary name and renamed,
-so a crash never leaves a half-written shard; shards are memory-mapped on read.
+read. Entries live in append-only safetensors shards with random names, each written to a temporary
+name and renamed, so a crash never leaves a half-written shard and runs sharing the folder never
+overwrite each other's; shards are memory-mapped on read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import typing
+import uuid
 from pathlib import Path
 
 import torch
@@ -72,8 +74,9 @@ class EmbeddingCache:
     def flush(self) -> None:
         if not self.pending:
             return
-        n = len(list(self.dir.glob(f"shard-r{self.rank}-*.safetensors")))
-        final = self.dir / f"shard-r{self.rank}-{n:06d}.safetensors"
+        # a fresh random name, not a count of existing shards: runs sharing one folder (a sweep, all
+        # rank 0) may flush at the same moment, and two counts taken before either file exists collide
+        final = self.dir / f"shard-r{self.rank}-{uuid.uuid4().hex}.safetensors"
         atomic_write_bytes(final, save(self.pending))
         for key in self.pending:
             self.index[key] = final

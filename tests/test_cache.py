@@ -79,3 +79,29 @@ def test_bf16_storage_is_close(tmp_path: Path) -> None:
     x = pixels(enc)
     cached = EmbeddingCache(tmp_path, enc.identity, dtype="bfloat16").encode(x, enc)
     torch.testing.assert_close(cached, enc(x), atol=2e-2, rtol=2e-2)
+
+
+def test_two_processes_flushing_at_once_keep_both_shards(tmp_path: Path, monkeypatch) -> None:
+    """Two runs sharing one cache folder (a sweep), both rank 0, flush at the same moment: the
+    second picks its shard name while the first is still writing. Each must still read its own
+    entries afterwards — a name derived from counting existing shards would let one overwrite
+    the other."""
+    import reca.cache as cache_mod
+
+    a = EmbeddingCache(tmp_path, "enc", rank=0)
+    b = EmbeddingCache(tmp_path, "enc", rank=0)
+    a.put("key-a", torch.ones(2))
+    b.put("key-b", torch.full((2,), 2.0))
+    write = cache_mod.atomic_write_bytes
+
+    def racing_write(path, data):  # b flushes after a has named its shard, before a's file exists
+        monkeypatch.setattr(cache_mod, "atomic_write_bytes", write)
+        b.flush()
+        write(path, data)
+
+    monkeypatch.setattr(cache_mod, "atomic_write_bytes", racing_write)
+    a.flush()
+    assert torch.equal(a.get("key-a"), torch.ones(2))
+    assert torch.equal(b.get("key-b"), torch.full((2,), 2.0))
+    fresh = EmbeddingCache(tmp_path, "enc", rank=0)  # a third run sees both
+    assert torch.equal(fresh.get("key-a"), torch.ones(2)) and torch.equal(fresh.get("key-b"), torch.full((2,), 2.0))
