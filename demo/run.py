@@ -562,6 +562,11 @@ def _encoder_data_tokenizer(out: Path, s: DemoSettings) -> tuple[dict, dict, dic
     return enc, data, tok
 
 
+def ablation_dir(out: Path, tag: str) -> Path:
+    """Where an ablation's runs, stage records and summary live (scripts/demo_ablation.py)."""
+    return out / "ablations" / tag
+
+
 def arm_job(out: Path, s: DemoSettings, variant: str, arm: str, seed: int, threads: int, tag: str = "") -> dict:
     """One fine-tuning run and its evaluation, each a cached stage; runs in a worker process. With
     an ablation ``tag`` (scripts/demo_ablation.py) the run and its stage records live under
@@ -569,7 +574,7 @@ def arm_job(out: Path, s: DemoSettings, variant: str, arm: str, seed: int, threa
     demo's own runs."""
     torch.set_num_threads(threads)
     name = f"{variant}-{arm}-seed{seed}"
-    home = out / "ablations" / tag if tag else out
+    home = ablation_dir(out, tag) if tag else out
     cfg = finetune_config(out, s, arm, seed)
     tr = cached(home / "stages" / f"train-{name}.json", lambda: train(home / name, cfg), config_key(cfg, out))
     checkpoint = home / name / "final"

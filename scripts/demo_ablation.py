@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sweep(a: argparse.Namespace, s: demo.DemoSettings) -> int:
-    root = a.out / "ablations" / a.tag
+    root = demo.ablation_dir(a.out, a.tag)
     jobs = [(arm, seed) for arm in a.arms.split(",") for seed in s.seeds]
     n, threads = demo.workers_for(len(jobs))  # side by side on one thread each, as the demo's runs
     variant = "lora" if s.lora else "full"
