@@ -95,9 +95,13 @@ def test_generate_is_seeded_per_image(tiny) -> None:
     )
     assert [im.size for im in ims] == [(32, 32), (32, 32)]
     again = adapter.generate(Condition(texts=["a blue square"]), seeds=[4], guidance_scale=2.0, num_steps=3)
-    assert np.array_equal(np.asarray(ims[1]), np.asarray(again[0]))
+    pixels = [np.asarray(im).astype(int) for im in (ims[1], again[0])]
+    # The same noise, so the same image up to rounding: on some CPUs (AVX-512 here) a batch of one
+    # sums its matrix products in another order than a batch of two, and a pixel can land one
+    # level apart after quantising to uint8. Another seed moves pixels by tens of levels.
+    assert np.abs(pixels[0] - pixels[1]).max() <= 1
     other = adapter.generate(Condition(texts=["a blue square"]), seeds=[5], guidance_scale=2.0, num_steps=3)
-    assert not np.array_equal(np.asarray(other[0]), np.asarray(again[0]))
+    assert np.abs(np.asarray(other[0]).astype(int) - pixels[1]).mean() > 10
 
 
 def test_every_part_loads_back_by_path(tiny, tmp_path: Path) -> None:
