@@ -89,7 +89,8 @@ def open_source(
         root = str(path.parent.resolve())
         if not src.allow_outside_root and not src.streaming:
             real_dirs: dict[str, str] = {}  # each folder resolved once, not once per row
-            outside = sum(_outside(v, root, real_dirs) for v in ds[src.image_column])
+            # ds[:][column], not ds[column]: the latter is a lazy column read row by row (~14 µs a row)
+            outside = sum(_outside(v, root, real_dirs) for v in ds[:][src.image_column])
             if outside:
                 raise ConfigError(
                     f"{key}.allow_outside_root: {outside} image path(s) in {path} are absolute or leave its folder "
@@ -409,8 +410,13 @@ def _items(ds, seed: int, rank: int, world: int, start: int) -> Iterator[Any]:
             raise ValueError(f"rank {rank}'s share of the streamed dataset is empty")
 
 
-def _row(ds, item: Any) -> dict:
-    return item if isinstance(item, dict) else ds[item]
+def _rows(ds, items: list) -> list[dict]:
+    """The rows of a chunk: streamed rows as they are, map-style indices in one ``ds[indices]``
+    (one read of the table; ``ds[i]`` per row cost ~30 µs each)."""
+    if not items or isinstance(items[0], dict):
+        return items
+    columns = ds[items]
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
 def _start_position(
@@ -488,8 +494,7 @@ class _Samples(torch.utils.data.IterableDataset):
         """Stacked tensors of the usable positions (one shared-memory tensor per key, not per image),
         and per position: (usable, note, caption, where)."""
         tensors, meta = [], []
-        for item in chunk:
-            row = _row(self.ds, item)
+        for row in _rows(self.ds, chunk):
             image, note, caption = _decode(row, self.image_column, self.caption_column, self.min_side)
             if image is not None:
                 tensors.append(self.transform(image))

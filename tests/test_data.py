@@ -300,6 +300,14 @@ def test_order_is_a_function_of_the_seed(pool) -> None:
     assert sum(sum(x["skipped"].values()) for x in a) >= 3  # the broken ones were met and counted
 
 
+def test_each_caption_stays_with_its_image(pool) -> None:
+    # rows of a chunk are read in one ds[indices]; a caption must still travel with its own pixels
+    colour = {f"i{i}": (20 * i % 256, 7 * i % 256, 255 - 20 * i % 256) for i in range(12)}  # write_pool's
+    for b in take(stream(pool, seed=4, batch_size=5), 6):
+        for caption, px in zip(b["caption"], b["pixels"]):
+            assert torch.equal((px[:, 0, 0] * 255).round(), torch.tensor(colour[caption], dtype=torch.float32))
+
+
 def test_resume_reproduces_the_stream_exactly(pool) -> None:
     full = take(stream(pool, seed=5), 12)  # 36 samples: three epochs, with 9 skips among them
     skipped_before = np.cumsum([x["skipped"].get("undecodable", 0) for x in full])
@@ -485,3 +493,27 @@ def test_webdataset_columns_and_patterns_name_the_key(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"^objectives\.t2i\.data\.path: cannot read shards .*latin1\.tar \('utf-8'"):
         src = DataSource(path=str(tmp_path / "latin1.tar"), image_column="png", caption_column="txt")
         open_source(src, need_captions=True, key=key)
+
+
+# ------------------------------------------------------------------------------ image views
+
+
+@pytest.mark.parametrize("size", [(32, 32), (40, 24), (16, 16), (9, 30)])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_square_crop_matches_resize_then_centre_crop(size, mode) -> None:
+    from reca.images import square_crop
+
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+    before = np.asarray(image).copy()
+    for side in (16, 32):
+        # the reference: always convert, resize and crop, as Pillow documents them
+        ref = image.convert("RGB")
+        scale = side / min(ref.size)
+        w, h = max(side, round(ref.width * scale)), max(side, round(ref.height * scale))
+        ref = ref.resize((w, h), Image.BICUBIC)
+        ref = ref.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+        got = square_crop(image, side)
+        assert got.mode == "RGB" and got.size == (side, side)
+        assert np.array_equal(np.asarray(got), np.asarray(ref))
+    assert np.array_equal(np.asarray(image), before)  # the input is never changed

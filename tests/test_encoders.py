@@ -101,3 +101,20 @@ def test_bad_encoder_settings_name_the_key() -> None:
         build_encoder(EncoderConfig(kind="hf", name="/no/such/dir"))
     with pytest.raises(ConfigError, match="^encoder.kind: 'umm'"):
         build_encoder(EncoderConfig(kind="umm"), adapter=object())
+
+
+def test_preprocess_is_bitwise_the_torch_normalisation() -> None:
+    import numpy as np
+
+    from reca.encoders import Preprocess
+    from reca.images import square_crop
+
+    pp = Preprocess(16, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    rng = np.random.default_rng(0)
+    for shape in ((32, 32), (24, 40), (16, 16)):
+        image = Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
+        x = torch.from_numpy(np.asarray(square_crop(image, 16), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        ref = (x - torch.tensor(pp.mean)[:, None, None]) / torch.tensor(pp.std)[:, None, None]
+        got = pp(image)
+        assert got.shape == (3, 16, 16) and got.dtype == torch.float32
+        assert torch.equal(got, ref)  # the same bits: cached embeddings and resumed runs depend on them
