@@ -155,6 +155,24 @@ def eval_key(s: "DemoSettings", checkpoint: Path) -> dict:
     }
 
 
+def probe_key(s: "DemoSettings", checkpoint: Path) -> dict:
+    """The entropy probe's key: it reads all 36 pairs whatever the side, so the side is not in it
+    (a dev run after a test run reuses the probes)."""
+    return {k: v for k, v in eval_key(s, checkpoint).items() if k in ("lora", "checkpoint")} | {
+        "resamples": probe_resamples(s)
+    }
+
+
+def probe_resamples(s: "DemoSettings") -> int:
+    return 200 if s.samples < 8 else 1000
+
+
+def side_suffix(split: str) -> str:
+    """File names of a side's report: ``report.md`` for the test side, ``report-dev.md`` for the
+    dev side, so choosing settings never overwrites the result."""
+    return "" if split == "test" else f"-{split}"
+
+
 # ------------------------------------------------------------------------------ data
 
 
@@ -478,7 +496,7 @@ def probe(out: Path, name: str, checkpoint: Path, s: DemoSettings) -> dict:
             renders,
             [dense_caption(sh, c) for sh, c in items],
         )
-    result = analyse(encoding, response, drop_first=1, n_resamples=200 if s.samples < 8 else 1000)
+    result = analyse(encoding, response, drop_first=1, n_resamples=probe_resamples(s))
     save_json(result, out / "probe" / f"{name}.json")
     return {"json": str(out / "probe" / f"{name}.json")}
 
@@ -665,7 +683,8 @@ def run(out: Path, settings: DemoSettings, variants: tuple[str, ...] = ("full",)
         ("control", f"{first}-control-seed{seed0}", out / f"{first}-control-seed{seed0}/final"),
     ):
         s = replace(settings, lora=first == "lora")
-        probes[label] = cached(st / f"probe-{name}.json", lambda: probe(out, name, ckpt, s), eval_key(s, ckpt))["json"]
+        record = st / f"entropy-{name}.json"  # not the earlier "probe-…" records, whose keys named the side
+        probes[label] = cached(record, lambda: probe(out, name, ckpt, s), probe_key(s, ckpt))["json"]
     return write_report(out, settings, variants, results, runs, probes, prep, timings)
 
 
@@ -677,7 +696,8 @@ def write_report(out, settings, variants, results, runs, probes, prep, timings) 
     probe_results = {k: load_json(v) for k, v in probes.items()}
     probe_plot(probe_results, out / "probe.png")
     table = report.summarise(results)
-    has_curves = report.curves(runs, out / "curves.png", f"{settings.split} side, evaluation during fine-tuning")
+    side = side_suffix(settings.split)
+    has_curves = report.curves(runs, out / f"curves{side}.png", f"{settings.split} side, evaluation during fine-tuning")
     stages = prep["stages"]
     summary = {
         "settings": asdict(settings),
@@ -691,40 +711,40 @@ def write_report(out, settings, variants, results, runs, probes, prep, timings) 
         "timings": timings,
         "cores": prep["cores"],
     }
-    atomic_write_json(out / "report.json", summary, sort_keys=False)
+    atomic_write_json(out / f"report{side}.json", summary, sort_keys=False)
     s = settings
     note = (
         f"Side: **{s.split}** ({len(pairs(s.split))} rare pairs, {s.samples} images each per seed; the 6 canonical "
         f"pairs, {s.samples} images each). Cell: pooled accuracy [Wilson 95% over all samples]; over several seeds "
         f"also the 95% t-interval of the per-seed values (seeds [lo, hi]). Before = the pretrained model; RecA and "
         f"control: {s.reca_steps} steps each, seeds {list(s.seeds)}; understanding and reconstruction on "
-        f"{s.renders} real renders per pair. Per-seed values: report.json."
+        f"{s.renders} real renders per pair. Per-seed values: report{side}.json."
     )
     md = (
         f"## The demo ({settings.split} side)\n\n"
         + report.markdown(table, note)
         + "\n### Every rare pair of this side, and per shape\n\n"
         + report.per_pair_markdown(results)
-        + ("\n![curves](curves.png)\n" if has_curves else "")
+        + (f"\n![curves](curves{side}.png)\n" if has_curves else "")
         + "\n### Entropy probe (seed-0 checkpoints; probe.png)\n\n"
         + probe_compare(probe_results)
         + f"\nCores: {prep['cores']['cpu_count']}, free at start {prep['cores']['free_at_start']}. Stage timings (s): "
         + ", ".join(f"{k} {v}" for k, v in timings.items())
         + "\n"
     )
-    atomic_write_text(out / "report.md", md)
+    atomic_write_text(out / f"report{side}.md", md)
     seed0 = settings.seeds[0]
-    side = out / "eval" / settings.split
-    columns = {"before": side / "before"}
+    images = out / "eval" / settings.split
+    columns = {"before": images / "before"}
     for variant in variants:
         suffix = f" {variant}" if len(variants) > 1 else ""
-        columns[f"RecA{suffix} (seed {seed0})"] = side / f"{variant}-reca-seed{seed0}"
-        columns[f"control{suffix} (seed {seed0})"] = side / f"{variant}-control-seed{seed0}"
+        columns[f"RecA{suffix} (seed {seed0})"] = images / f"{variant}-reca-seed{seed0}"
+        columns[f"control{suffix} (seed {seed0})"] = images / f"{variant}-control-seed{seed0}"
     headline = {f"a {c} {sh}" for sh, c in pairs("headline")}
     prompts = [p for p in eval_prompts(settings.split) if p.prompt in headline] or [
         p for p in eval_prompts(settings.split) if p.tag == "rare"
     ][:6]
-    report.picture(columns, prompts, out / "rare_pairs.png", per_cell=min(4, settings.samples))
+    report.picture(columns, prompts, out / f"rare_pairs{side}.png", per_cell=min(4, settings.samples))
     print(md)
     return summary
 

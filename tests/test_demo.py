@@ -153,6 +153,30 @@ def test_a_cached_stage_made_from_other_settings_is_refused(quick_run) -> None:
         demo.run(out, dataclasses.replace(settings, pretrain_steps=settings.pretrain_steps + 1))
 
 
+def test_a_dev_run_beside_a_test_run_reuses_its_training_and_keeps_its_report(quick_run, tmp_path: Path) -> None:
+    """`python -m demo --split dev` into the folder of a finished test run: the same fine-tuning
+    runs and probes (neither depends on the side), new evaluations, and a report of its own."""
+    import shutil
+
+    out, settings, _ = quick_run
+    here = tmp_path / "run"
+    shutil.copytree(out, here, symlinks=True)  # its pretrained world, without its fine-tuning records
+    for record in (here / "stages").glob("*.json"):
+        if record.name.startswith(("train-", "eval-", "entropy-")):
+            record.unlink()
+    shutil.rmtree(here / "eval")
+    s = dataclasses.replace(settings, curve_every=0, seeds=(0,))  # as `make demo`: no curves on one side's prompts
+    demo.run(here, s)
+    test_report = (here / "report.md").read_text()
+    trained = {p.name: p.stat().st_mtime_ns for p in (here / "stages").glob("*.json") if "eval-" not in p.name}
+    report = demo.run(here, dataclasses.replace(s, split="dev"))
+    assert report["split"]["side"] == "dev" and set(report["per_pair"]) == {f"a {c} {sh}" for sh, c in pairs("dev")}
+    assert trained == {p.name: p.stat().st_mtime_ns for p in (here / "stages").glob("*.json") if p.name in trained}
+    assert (here / "report-dev.md").read_text().startswith("## The demo (dev side)")
+    assert json.loads((here / "report-dev.json").read_text())["split"]["side"] == "dev"
+    assert (here / "rare_pairs-dev.png").is_file() and (here / "report.md").read_text() == test_report
+
+
 def test_compare_trains_lora_beside_full_with_curves(quick_run, tmp_path: Path) -> None:
     """`--compare`: full fine-tuning and LoRA, each with its control, and the curves PNG drawn from
     the evaluations during fine-tuning; the pretrained model of the first run is reused."""
