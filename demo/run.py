@@ -53,16 +53,17 @@ class DemoSettings:
     n_t2i: int = 6_000
     n_i2t: int = 12_000
     n_recon: int = 12_000
-    # 1,200 steps: the generator then draws canonical pairs right 81-85 % of the time (docs/demo.md).
+    # 1,200 steps: the generator then draws canonical pairs right 78-87 % of the time (docs/demo.md).
     # Understanding is learnt long before, so a quarter of the batch is image-to-text: the same 48
     # text-to-image samples a step as a 48 + 48 batch, 15% faster.
     pretrain_steps: int = 1200
     pretrain_batch: int = 64
     pretrain_shares: dict = field(default_factory=lambda: {"recon": 0.0, "t2i": 0.75, "i2t": 0.25})
-    # 1,000 steps: the first ~200 steps of RecA break canonical prompts (their colour+shape fell
+    # 1,200 steps: the first ~200 steps of RecA break canonical prompts (their colour+shape fell
     # from ~90 % to ~30 % on the dev side), the rest of the run rebuilds them while rare prompts
-    # rise (docs/demo.md, "How long RecA must run"); 200 or 400 steps stopped inside that dip.
-    reca_steps: int = 1000
+    # rise (docs/demo.md, "How long RecA must run"); 200 or 400 steps stopped inside that dip, and
+    # 1,000 left some seeds at its end on some CPUs (better on the dev side at 1,200 on two CPU types).
+    reca_steps: int = 1200
     reca_batch: int = 40
     # 32 reconstruction + 8 image-to-text samples a step (recon : i2t : t2i = 4 : 1 : 0). Harmon's
     # mixture is 2 : 2 : 0 (`repeat = [2, 2, 0]` in the official RecA repository's
@@ -606,12 +607,28 @@ def arm_job(out: Path, s: DemoSettings, variant: str, arm: str, seed: int, threa
     return {"name": name, "train": tr, "eval": ev}
 
 
+def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """Worker initializer: end this process once ``parent`` is gone. A parent ended by SIGTERM or
+    SIGKILL never shuts its pool down, and its spawn workers would otherwise train to the end of
+    their job as orphans, holding the cores (Ctrl-C reaches the whole process group, kill does not)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def spawn_pool(workers: int):
-    """A process pool whose workers are fresh interpreters (spawn): no state forked from this one."""
+    """A process pool whose workers are fresh interpreters (spawn): no state forked from this one,
+    and none outliving this process (``exit_with_parent``)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    ctx = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),))
 
 
 def map_side_by_side(fn: Callable, arglists: list[tuple], workers: int) -> list:

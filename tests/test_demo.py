@@ -289,3 +289,50 @@ def test_single_runs_use_the_cores_other_processes_leave_free(monkeypatch, perce
     monkeypatch.setattr(psutil, "cpu_percent", lambda interval: percent)
     monkeypatch.setattr(demo.os, "cpu_count", lambda: cores)
     assert demo.free_cores() == free
+
+
+def test_pool_workers_end_when_the_demo_is_killed(tmp_path: Path) -> None:
+    """A demo ended by SIGTERM or SIGKILL never shuts its pool down: its workers must still end
+    rather than train on, orphaned, holding the cores."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = (
+        "import os, time\n"
+        "from demo.run import spawn_pool\n"
+        "pool = spawn_pool(1)\n"
+        "print(pool.submit(os.getpid).result(), flush=True)\n"
+        "pool.submit(time.sleep, 120)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=os.environ | {"PYTHONPATH": str(Path(demo.__file__).parents[1])},
+    )
+    worker = psutil.Process(int(parent.stdout.readline()))
+
+    def gone() -> bool:
+        try:
+            return worker.status() == psutil.STATUS_ZOMBIE  # exited; reaped by whoever adopted it
+        except psutil.NoSuchProcess:
+            return True
+
+    try:
+        assert worker.ppid() == parent.pid and not gone()
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.time() + 10
+        while time.time() < deadline and not gone():
+            time.sleep(0.2)
+        assert gone(), "the worker outlived the demo"
+    finally:
+        if not gone():
+            worker.kill()
