@@ -2,14 +2,16 @@
 kinds — pretraining, RecA, control — under two variants of one choice, measured in one run on
 small freshly rendered pools. Prints median seconds per step and the ratio B/A.
 
-    python scripts/bench_demo_step.py [--compare tokenizer|patch|threads|umm|smaller|mixture] [--steps 25]
+    python scripts/bench_demo_step.py [--compare tokenizer|patch|threads|umm|smaller|mixture|lora] [--steps 25]
 
 tokenizer: byte-level fallback (A) vs the word-level tokenizer (B), 2 threads; patch: the DiT's
 patch size 4 (A) vs 8 (B, the demo's), 2 threads; threads: the demo's config on 2 torch threads
 (A) vs 1 (B) — with B/A below 2, two runs side by side on one thread each beat one run on two;
 umm: an earlier UMM, 4-layer LM and 6-block DiT (A), vs the next one's 2 and 4 (B), one thread;
 smaller: that 2-layer LM and 4-block DiT (A) vs the demo's 1 and 3 (B), one thread;
-mixture: fine-tuning at Harmon's 2 : 2 : 0 × 64 (A) vs the demo's 4 : 1 : 0 × 40 (B), one thread.
+mixture: fine-tuning at Harmon's 2 : 2 : 0 × 64 (A) vs the demo's 4 : 1 : 0 × 40 (B), one thread;
+lora: fine-tuning in full (A) vs with LoRA as the demo's LoRA arm runs it (B), one thread
+(pretraining is the same in both).
 The reconstruction arm uses the demo's condition (``DemoSettings.keep_tokens``).
 """
 
@@ -79,6 +81,12 @@ def _harmon_mixture(cfg, arm):  # fine-tuning at Harmon's 2 : 2 : 0, 64 a step (
     return derive(demo.with_shares(cfg, demo.arm_shares(harmon, arm)), train={"batch_size": harmon.reca_batch})
 
 
+def _lora(cfg, arm):  # the demo's LoRA arm (demo.run.finetune_config); pretraining stays full
+    if arm == "pretrain":
+        return cfg
+    return demo.with_lora(cfg, S)
+
+
 VARIANTS = {  # --compare: {label: (torch threads, config change)}, A then B
     "tokenizer": {"byte": (2, _without_tokenizer), "word": (2, _same)},
     "patch": {"patch4": (2, _patch(4)), "patch8": (2, _patch(8))},
@@ -88,6 +96,7 @@ VARIANTS = {  # --compare: {label: (torch threads, config change)}, A then B
     "smaller": {"lm2-dit4": (1, _layers(2, 4)), "lm1-dit3": (1, _same)},
     # fine-tuning at Harmon's 2 : 2 : 0 × 64 against the demo's 4 : 1 : 0 × 40 (32 + 8); one thread
     "mixture": {"harmon-64": (1, _harmon_mixture), "demo-40": (1, _same)},
+    "lora": {"full": (1, _same), "lora": (1, _lora)},
 }
 
 

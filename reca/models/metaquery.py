@@ -130,9 +130,13 @@ def _load(cls, ref: str, subfolder: str, config: dict, what: str):
 
 class MetaQueryAdapter(nn.Module):
     Config: ClassVar[type] = MetaQueryConfig
-    # LoRA on the LM's and the DiT's attention, and on reca's own projector and connector layers.
+    # LoRA on the LM's attention; on the DiT's attention (output projection included), feed-forward
+    # and caption projection; and on reca's own projector and connector layers. Attention alone
+    # (q/k/v) moved rare prompts much less on the demo's dev side (docs/demo.md, "LoRA targets").
     default_lora_targets: ClassVar[str] = (
-        r"(lm\..*\.(q_proj|k_proj|v_proj|o_proj))|(transformer\..*\.(to_q|to_k|to_v))|(sem_proj\.(1|3))|(connector\.(0|2))"
+        r"(lm\..*\.(q_proj|k_proj|v_proj|o_proj))"
+        r"|(transformer\..*\.(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2))"
+        r"|(transformer\.caption_projection\.linear_(1|2))|(sem_proj\.(1|3))|(connector\.(0|2))"
     )
     # OpenUni trains the connector and the DiT with the LMM frozen (official RecA repo, OpenUni/
     # configs); the semantic
