@@ -83,7 +83,7 @@ class DemoSettings:
     feature_noise: float = 0.0  # objectives.recon.feature_noise (LAFITE)
     ema_decay: float = 0.0  # train.ema_decay; the evaluation then reads the EMA weights
     lora_rank: int = 16
-    lora_lr: float = 2e-3  # 4x the full rate; best of 1e-3 to 8e-3 on dev (earlier targets; docs/demo.md)
+    lora_lr: float = 2e-3  # 4x the full rate; chosen on the dev side among 1e-3 to 8e-3 (docs/demo.md)
     lora_targets: tuple = ()  # empty = the adapter's default LoRA targets
     # Evaluation during fine-tuning every N steps (eval.every), for the curves; 0 = off. `make demo`
     # leaves them off (about 8 % of its time); `--compare` draws them every CURVE_EVERY steps.
