@@ -220,7 +220,7 @@ def test_lora_arm_trains_an_adapter_and_loads_back(quick_run) -> None:
 
 @pytest.mark.slow
 def test_full_demo(tmp_path: Path) -> None:
-    """`make demo` at full size (8 min 17 s measured on a 2-core AVX-512 CPU): every stage, 3 seeds per arm."""
+    """`make demo` at full size (6 and 8 min measured on two 2-core AVX-512 CPUs): every stage, 3 seeds per arm."""
     settings = demo.DemoSettings()
     report = demo.run(tmp_path, settings)
     assert report["scorer_accuracy"] >= 0.99 and report["encoder_zero_shot"] >= 0.97
