@@ -197,20 +197,33 @@ def test_pixart_transformer_trains_samples_and_loads_back(tmp_path: Path) -> Non
     torch.testing.assert_close(again.eval().generation_loss(x, cond, [7, 8]), loss.detach())
 
 
-def test_default_lora_targets_cover_every_linear_of_the_dit_blocks() -> None:
-    """The default LoRA reaches the DiT's attention output and feed-forward (q/k/v alone moved rare
-    prompts ~10 points less in the demo's dev side) and leaves the timestep embedding, the output
-    projection and the LM's MLP as they are."""
+PIXART = [
+    "model.args.transformer_class=PixArtTransformer2DModel",
+    "model.args.transformer_config={in_channels: 4, out_channels: 4, num_attention_heads: 2, attention_head_dim: 16,"
+    " num_layers: 2, cross_attention_dim: 32, caption_channels: 32, sample_size: 16, patch_size: 2}",
+]
+
+
+@pytest.mark.parametrize("dit", ["sana", "pixart"])
+def test_default_lora_targets_cover_the_dit_blocks_attention_and_feed_forward(dit: str) -> None:
+    """The default LoRA reaches every linear layer of the DiT's blocks — attention output and
+    PixArt's feed-forward included (q/k/v alone moved rare prompts ~10 points less on the demo's dev
+    side) — and leaves the timestep embedding, the output projection, the LM's MLP and Sana's
+    convolutional feed-forward as they are."""
     from reca.build import apply_lora
 
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["lora.enabled=true", "lora.rank=2"])
+    cfg = load_config(
+        ROOT / "configs/tiny.yaml", ["lora.enabled=true", "lora.rank=2"] + (PIXART if dit == "pixart" else [])
+    )
     adapter, _ = build(cfg)
-    linears = {n for n, m in adapter.named_modules() if isinstance(m, torch.nn.Linear)}
+    layers = {n for n, m in adapter.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    linear = {n for n, m in adapter.named_modules() if isinstance(m, torch.nn.Linear)}
     wrapped = {n.removeprefix("base_model.model.") for n, m in apply_lora(adapter, cfg).named_modules()}
-    lora = {n for n in linears if f"{n}.lora_A" in wrapped}
-    block = {n for n in linears if n.startswith("transformer.transformer_blocks.")}
-    assert block and block <= lora, sorted(block - lora)
+    lora = {n for n in layers if f"{n}.lora_A" in wrapped}
+    block = {n for n in linear if n.startswith("transformer.transformer_blocks.")}
+    assert block <= lora, sorted(block - lora)
+    assert len({n for n in block if ".ff." in n}) == (4 if dit == "pixart" else 0)  # 2 per block, 2 blocks
     assert {"transformer.caption_projection.linear_1", "sem_proj.1", "connector.0"} <= lora
     assert any(n.startswith("lm.") and n.endswith("self_attn.o_proj") for n in lora)
-    untouched = {n for n in linears if "timestep_embedder" in n or "proj_out" in n or ".mlp." in n}
+    untouched = {n for n in layers if any(k in n for k in ("timestep_embedder", "proj_out", ".mlp.", ".ff.conv"))}
     assert untouched and not untouched & lora, sorted(untouched & lora)

@@ -133,6 +133,8 @@ class MetaQueryAdapter(nn.Module):
     # LoRA on the LM's attention; on the DiT's attention (output projection included), feed-forward
     # and caption projection; and on reca's own projector and connector layers. Attention alone
     # (q/k/v) moved rare prompts much less on the demo's dev side (docs/demo.md, "LoRA targets").
+    # Sana's feed-forward is convolutional (GLUMBConv) and not a default target: peft's PiSSA and
+    # OLoRA initialisations (lora.init) refuse Conv2d layers; lora.target_modules can add them.
     default_lora_targets: ClassVar[str] = (
         r"(lm\..*\.(q_proj|k_proj|v_proj|o_proj))"
         r"|(transformer\..*\.(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2))"
