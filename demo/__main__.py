@@ -1,4 +1,4 @@
-"""``python -m demo [--out runs/demo] [--quick] [--lora]``: the demo end to end (:mod:`demo.run`)."""
+"""``python -m demo [--out runs/demo] [--quick] [--full | --compare]``: the demo end to end (:mod:`demo.run`)."""
 
 from demo.run import main
 

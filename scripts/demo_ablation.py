@@ -2,12 +2,13 @@
 seeds, from the pretrained model of a finished demo run, evaluated on the dev pairs with the dev
 sample seeds (the test side is never touched, so nothing chosen here is chosen on the test pairs).
 
-    python scripts/demo_ablation.py --out runs/demo --tag pooled keep_tokens=1 instruction_dropout=1
-    python scripts/demo_ablation.py --tag gen-side "reca_trainable=['connector','transformer']" \\
+    python scripts/demo_ablation.py --out runs/demo --tag lr4e-3 lora_lr=4e-3
+    python scripts/demo_ablation.py --tag full lora=false --seeds 0,1,2
+    python scripts/demo_ablation.py --tag gen-side lora=false "reca_trainable=['connector','transformer']" \\
         "reca_shares={'recon': 1.0, 't2i': 0.0, 'i2t': 0.0}"
-    python scripts/demo_ablation.py --tag lora lora=true lora_lr=2e-3 --seeds 0,1,2
 
-Every ``key=value`` sets a field of ``demo.run.DemoSettings`` (values are YAML). Runs go to
+Every ``key=value`` sets a field of ``demo.run.DemoSettings`` (values are YAML), whose defaults are
+the demo's: LoRA unless ``lora=false``. Runs go to
 ``<out>/ablations/<tag>/``; their results to ``<out>/ablations/<tag>/summary.json``; one line per
 arm is printed: pooled counts, Wilson 95 % intervals and per-seed values.
 """

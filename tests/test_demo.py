@@ -136,8 +136,9 @@ def test_quick_demo_runs_every_stage_and_caches_them(quick_run) -> None:
     # each side's images in their own folders, so a dev run never resumes into a test run's
     assert (tmp_path / "eval/test/before/manifest.json").is_file() and not (tmp_path / "eval/dev").exists()
     # RecA saw reconstruction batches, the control arm none
-    reca_log = (tmp_path / "full-reca-seed0/log.jsonl").read_text()
-    control_log = (tmp_path / "full-control-seed0/log.jsonl").read_text()
+    reca_log = (tmp_path / "lora-reca-seed0/log.jsonl").read_text()
+    control_log = (tmp_path / "lora-control-seed0/log.jsonl").read_text()
+    assert (tmp_path / "lora-reca-seed0/final/adapter_config.json").is_file()  # the default arm is LoRA
     assert '"recon"' in reca_log and '"recon"' not in control_log and '"t2i"' in control_log
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}
     demo.run(tmp_path, settings)  # every stage cached: nothing is recomputed
@@ -147,8 +148,8 @@ def test_quick_demo_runs_every_stage_and_caches_them(quick_run) -> None:
 def test_a_cached_stage_made_from_other_settings_is_refused(quick_run) -> None:
     """Changing a setting and rerunning into the same folder must not mix two runs in one report."""
     out, settings, _ = quick_run
-    with pytest.raises(ConfigError, match=r"train-full-reca-seed0.json was made with other settings \(optim.lr"):
-        demo.run(out, dataclasses.replace(settings, reca_lr=settings.reca_lr * 2))
+    with pytest.raises(ConfigError, match=r"train-lora-reca-seed0.json was made with other settings \(optim.lr"):
+        demo.run(out, dataclasses.replace(settings, lora_lr=settings.lora_lr * 2))
     with pytest.raises(ConfigError, match=r"pretrain.json was made with other settings \(.*train.max_steps"):
         demo.run(out, dataclasses.replace(settings, pretrain_steps=settings.pretrain_steps + 1))
 
@@ -175,6 +176,37 @@ def test_a_dev_run_beside_a_test_run_reuses_its_training_and_keeps_its_report(qu
     assert (here / "report-dev.md").read_text().startswith("## The demo (dev side)")
     assert json.loads((here / "report-dev.json").read_text())["split"]["side"] == "dev"
     assert (here / "rare_pairs-dev.png").is_file() and (here / "report.md").read_text() == test_report
+
+
+def test_full_fine_tuning_beside_a_lora_run_reuses_the_pretrained_models_records(quick_run, tmp_path: Path) -> None:
+    """`python -m demo --full` into the folder of a finished (LoRA) run: the evaluation and probe of
+    the pretrained model are the same stages whichever arm follows, so they are reused, not refused
+    as made with other settings; the full runs train every weight (no adapter)."""
+    import shutil
+
+    out, settings, _ = quick_run
+    here = tmp_path / "run"
+    shutil.copytree(out, here, symlinks=True)
+    records = ("eval-test-before.json", "entropy-before.json", "pretrain.json")
+    stamps = {r: (here / "stages" / r).stat().st_mtime_ns for r in records}
+    report = demo.run(here, dataclasses.replace(settings, lora=False, seeds=(0,)))
+    assert stamps == {r: (here / "stages" / r).stat().st_mtime_ns for r in records}
+    assert set(report["table"]) == {"before", "RecA", "control"} and report["variants"] == ["full"]
+    final = here / "full-reca-seed0/final"
+    assert final.is_dir() and not (final / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,lora,variants", [([], True, None), (["--full"], False, None), (["--compare"], True, ("full", "lora"))]
+)
+def test_the_command_line_picks_the_arms(monkeypatch, argv: list[str], lora: bool, variants) -> None:
+    """`python -m demo` runs LoRA, `--full` full fine-tuning, `--compare` both."""
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda out, s, v: seen.update(lora=s.lora, variants=v))
+    assert demo.main(["--out", "x", *argv]) == 0
+    assert seen == {"lora": lora, "variants": variants}
+    with pytest.raises(SystemExit):
+        demo.main(["--full", "--compare"])
 
 
 def test_compare_trains_lora_beside_full_with_curves(quick_run, tmp_path: Path) -> None:
@@ -220,7 +252,7 @@ def test_lora_arm_trains_an_adapter_and_loads_back(quick_run) -> None:
 
 @pytest.mark.slow
 def test_full_demo(tmp_path: Path) -> None:
-    """`make demo` at full size (6 and 8 min measured on two 2-core AVX-512 CPUs): every stage, 3 seeds per arm."""
+    """`make demo` at full size (LoRA; 7.5 and 9.5 min measured on two 2-core CPUs): every stage, 3 seeds per arm."""
     settings = demo.DemoSettings()
     report = demo.run(tmp_path, settings)
     assert report["scorer_accuracy"] >= 0.99 and report["encoder_zero_shot"] >= 0.97
@@ -279,7 +311,7 @@ def test_ablation_script_runs_both_arms_on_the_dev_side_and_refuses_bad_keys(qui
         "control": 2,
     }
     assert summary["table"]["reca"]["rare: colour+shape"]["n"] == 2 * len(pairs("dev"))
-    assert (out / "eval/dev/ablation-t-full-control-seed1/manifest.json").is_file()
+    assert (out / "eval/dev/ablation-t-lora-control-seed1/manifest.json").is_file()
 
 
 @pytest.mark.parametrize("percent,cores,free", [(0.0, 2, 2), (50.0, 2, 1), (100.0, 2, 1), (25.0, 8, 6), (3.0, 2, 2)])
