@@ -152,10 +152,13 @@ def config_key(cfg: Config, out: Path) -> dict:
 
 
 def eval_key(s: "DemoSettings", checkpoint: Path) -> dict:
-    """An evaluation stage's key: what it generates and scores, and from which weights."""
-    fields = ("split", "samples", "renders", "guidance", "sample_steps", "keep_tokens", "instruction_dropout", "lora")
+    """An evaluation stage's key: what it generates and scores, and from which weights. ``lora``
+    is whether those weights are a LoRA adapter, not the setting: the pretrained model's records
+    are the same whichever arm follows it."""
+    fields = ("split", "samples", "renders", "guidance", "sample_steps", "keep_tokens", "instruction_dropout")
     return {f: getattr(s, f) for f in fields} | {
-        "checkpoint": checkpoint.name if checkpoint.name != "final" else checkpoint.parent.name
+        "lora": eval_weights(checkpoint, s.lora)[1],
+        "checkpoint": checkpoint.name if checkpoint.name != "final" else checkpoint.parent.name,
     }
 
 
@@ -346,6 +349,11 @@ def finetune_config(out: Path, s: DemoSettings, arm: str, seed: int) -> Config:
     return cfg
 
 
+def variant_of(s: DemoSettings) -> str:
+    """The name of the fine-tuning ``s`` runs, as its runs' folders carry it."""
+    return "lora" if s.lora else "full"
+
+
 def with_lora(cfg: Config, s: DemoSettings) -> Config:
     """``cfg`` fine-tuning through a LoRA adapter as the demo's LoRA arm does: only the adapter trains."""
     lora = {"enabled": True, "rank": s.lora_rank, "alpha": 2 * s.lora_rank, "target_modules": list(s.lora_targets)}
@@ -355,15 +363,21 @@ def with_lora(cfg: Config, s: DemoSettings) -> Config:
 # ------------------------------------------------------------------------------ evaluation
 
 
-def eval_config(out: Path, checkpoint: Path, lora: bool) -> tuple[Config, Path | None]:
-    """(config, checkpoint) for ``reca.build.load_trained``: a LoRA result is loaded onto the
-    pretrained model; a full model (``save_pretrained`` folder) is the config's starting point.
-    A run trained with EMA is read through its EMA weights (``final/ema``)."""
+def eval_weights(checkpoint: Path, lora: bool) -> tuple[Path, bool]:
+    """(the folder evaluation reads, whether it is a LoRA adapter) for a run's ``checkpoint``: its
+    EMA weights (``final/ema``) when it was trained with EMA; an adapter only for a LoRA run."""
     if (checkpoint / "ema").is_dir():
         checkpoint = checkpoint / "ema"
-    if lora and (checkpoint / "adapter_config.json").is_file():
-        return with_pretrained(base_config(out), out / "pretrain/final"), checkpoint
-    return with_pretrained(base_config(out), checkpoint), None
+    return checkpoint, lora and (checkpoint / "adapter_config.json").is_file()
+
+
+def eval_config(out: Path, checkpoint: Path, lora: bool) -> tuple[Config, Path | None]:
+    """(config, checkpoint) for ``reca.build.load_trained``: a LoRA result is loaded onto the
+    pretrained model; a full model (``save_pretrained`` folder) is the config's starting point."""
+    weights, adapter = eval_weights(checkpoint, lora)
+    if adapter:
+        return with_pretrained(base_config(out), out / "pretrain/final"), weights
+    return with_pretrained(base_config(out), weights), None
 
 
 def eval_prompts(split: str):
@@ -653,7 +667,7 @@ def run(out: Path, settings: DemoSettings, variants: tuple[str, ...] | None = No
     """The demo: ``variants`` are "full" (full fine-tuning) and/or "lora", each a RecA arm and its
     control over ``settings.seeds``, all evaluated on ``settings.split``; by default the one
     ``settings.lora`` names."""
-    variants = variants or (("lora",) if settings.lora else ("full",))
+    variants = variants or (variant_of(settings),)
     check_guardrails()
     free = free_cores()  # before this process starts anything
     torch.set_num_threads(free)
@@ -664,12 +678,10 @@ def run(out: Path, settings: DemoSettings, variants: tuple[str, ...] | None = No
     prep["cores"] = {"cpu_count": os.cpu_count() or 1, "free_at_start": free}
     timings = dict(prep["timings"])
     scorer = WorldScorer.load_or_train(out / "cache/scorer.pt")
-    # the pretrained model carries no adapter whichever arms follow: one record for all of them
-    plain = replace(settings, lora=False)
     before = cached(
         st / f"eval-{split}-before.json",
-        lambda: evaluate(out, "before", out / "pretrain/final", plain, scorer),
-        eval_key(plain, out / "pretrain/final"),
+        lambda: evaluate(out, "before", out / "pretrain/final", settings, scorer),
+        eval_key(settings, out / "pretrain/final"),
     )
     timings["eval before"] = before["seconds"]
     results: dict[str, list[dict]] = {"before": [before]}
@@ -702,7 +714,7 @@ def run(out: Path, settings: DemoSettings, variants: tuple[str, ...] | None = No
         ("RecA", f"{first}-reca-seed{seed0}", out / f"{first}-reca-seed{seed0}/final"),
         ("control", f"{first}-control-seed{seed0}", out / f"{first}-control-seed{seed0}/final"),
     ):
-        s = replace(settings, lora=first == "lora" and label != "before")
+        s = replace(settings, lora=first == "lora")
         record = st / f"entropy-{name}.json"  # not the earlier "probe-…" records, whose keys named the side
         probes[label] = cached(record, lambda: probe(out, name, ckpt, s), probe_key(s, ckpt))["json"]
     return write_report(out, settings, variants, results, runs, probes, prep, timings)

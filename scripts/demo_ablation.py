@@ -66,8 +66,7 @@ def sweep(a: argparse.Namespace, s: demo.DemoSettings) -> int:
     root = demo.ablation_dir(a.out, a.tag)
     jobs = [(arm, seed) for arm in a.arms.split(",") for seed in s.seeds]
     n, threads = demo.workers_for(len(jobs))  # side by side on one thread each, as the demo's runs
-    variant = "lora" if s.lora else "full"
-    args = [(a.out, s, variant, arm, seed, threads, a.tag) for arm, seed in jobs]
+    args = [(a.out, s, demo.variant_of(s), arm, seed, threads, a.tag) for arm, seed in jobs]
     done = demo.map_side_by_side(demo.arm_job, args, n)
     results: dict[str, list[dict]] = {}
     for (arm, _), job in zip(jobs, done):
