@@ -39,8 +39,22 @@ def settings_from(pairs: list[str], seeds: tuple[int, ...]) -> demo.DemoSettings
         key, sep, raw = item.partition("=")
         if not sep or key not in fields:
             raise ConfigError(f"{item!r}: expected key=value with a key of DemoSettings ({', '.join(fields)})")
+        if key in ("split", "seeds"):
+            why = "this script scores the dev side only" if key == "split" else "use --seeds"
+            raise ConfigError(f"{item!r}: {key} is not set here ({why})")
         value = yaml.safe_load(raw)
-        values[key] = tuple(value) if isinstance(value, list) else value
+        value = tuple(value) if isinstance(value, list) else value
+        default = getattr(demo.DemoSettings(), key)
+        if isinstance(default, float) and isinstance(value, str):
+            try:  # YAML 1.1 reads "2e-3" (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        # a typo must not become another setting: "lora=fasle" is a string, and strings are truthy
+        expected = (int, float) if isinstance(default, float) else type(default)
+        if isinstance(value, bool) is not isinstance(default, bool) or not isinstance(value, expected):
+            raise ConfigError(f"{item!r}: {key} must be of type {type(default).__name__}, like its default {default!r}")
+        values[key] = value
     return dataclasses.replace(demo.DemoSettings(), split="dev", seeds=seeds, **values)
 
 

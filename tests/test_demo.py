@@ -303,6 +303,12 @@ def test_ablation_script_runs_both_arms_on_the_dev_side_and_refuses_bad_keys(qui
     small = ["reca_steps=2", "reca_batch=8", "samples=1", "renders=1", "sample_steps=1", "lr=1"]
     assert ablation.main(["--out", str(out), "--tag", "t", "--seeds", "0", *small]) == 2
     assert "'lr=1': expected key=value with a key of DemoSettings" in capsys.readouterr().err
+    # a typo is not another setting ("fasle" is a truthy string), and the test side is never scored
+    assert ablation.main(["--out", str(out), "--tag", "t", "lora=fasle"]) == 2
+    assert capsys.readouterr().err == "error: 'lora=fasle': lora must be of type bool, like its default True\n"
+    assert ablation.main(["--out", str(out), "--tag", "t", "split=test"]) == 2
+    assert "'split=test': split is not set here (this script scores the dev side only)" in capsys.readouterr().err
+    assert ablation.settings_from(["lora_lr=4e-3"], (0,)).lora_lr == 4e-3  # YAML reads "4e-3" as a string
     assert ablation.main(["--out", str(out), "--tag", "t", "--seeds", "0,1", *small[:-1]]) == 0
     summary = json.loads((out / "ablations/t/summary.json").read_text())
     assert summary["settings"]["split"] == "dev"
