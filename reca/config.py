@@ -496,6 +496,8 @@ def check_ranges(cfg: Config) -> None:
         (bool(t.output_dir.strip()), "train.output_dir: must not be empty (name the folder for checkpoints and logs)"),
         (cfg.encoder.input_size >= 0, "encoder.input_size: must be >= 0 (0 = the encoder's native size)"),
         (0 <= lora.dropout < 1, f"lora.dropout: {lora.dropout} must be in [0, 1)"),
+        # the rank before the alpha: an alpha derived from the rank (2 × rank, as the demo does) is 0 with it
+        (not (lora.enabled and lora.rank <= 0), "lora.rank: must be > 0 when lora.enabled is true"),
         (not (lora.enabled and lora.alpha <= 0), "lora.alpha: must be > 0 when lora.enabled is true"),
     ]
     for name in OBJECTIVES:
@@ -539,7 +541,6 @@ def validate(cfg: Config) -> None:
             "objectives.recon.keep_tokens: must be >= 0 (0 = all tokens)",
         ),
         (o.recon.feature_noise >= 0, "objectives.recon.feature_noise: must be >= 0 (0 = off)"),
-        (not (cfg.lora.enabled and cfg.lora.rank <= 0), "lora.rank: must be > 0 when lora.enabled is true"),
         (
             not (cfg.lora.enabled and t.trainable),
             "train.trainable: full-fine-tuning prefixes conflict with lora.enabled=true; use lora.modules_to_save",

@@ -43,6 +43,12 @@ def test_nonsense_numbers_are_refused_at_load_naming_the_key(override, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
+def test_a_zero_lora_rank_is_named_before_the_alpha_derived_from_it():
+    # the demo sets alpha = 2 x rank: rank 0 must be reported as the rank, the key the user set
+    with pytest.raises(ConfigError, match=r"^lora.rank: must be > 0 when lora.enabled is true$"):
+        load_config(TINY, ["lora.enabled=true", "lora.rank=0", "lora.alpha=0"])
+
+
 def test_duplicate_yaml_keys_are_refused(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text("train:\n  max_steps: 10\n  batch_size: 4\n  max_steps: 20\n")
