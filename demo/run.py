@@ -333,6 +333,9 @@ def finetune_config(out: Path, s: DemoSettings, arm: str, seed: int) -> Config:
     if s.curve_every:  # the evaluation during training (eval/during.py), on this side's prompts
         cfg = derive(
             cfg,
+            # it samples with train.sample_steps / guidance_scale: the final evaluation's, so that the
+            # curves differ from the table only in their images (fewer, other seeds)
+            train={"sample_steps": s.sample_steps, "guidance_scale": s.guidance},
             eval={
                 "every": s.curve_every,
                 "prompts": str(write_prompts(out / "cache" / f"prompts-{s.split}.jsonl", s.split)),
