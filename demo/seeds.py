@@ -26,6 +26,7 @@ SEEDS = {
     "dev_renders": range(60_000_000, 60_100_000),
     "test_renders": range(61_000_000, 61_100_000),
     "probe_renders": range(62_000_000, 62_000_100),
+    "shapes_renders": range(63_000_000, 63_010_000),  # scripts/demo_shapes.py's diagnostic renders
 }
 
 # Derived rules.

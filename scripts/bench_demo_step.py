@@ -2,7 +2,9 @@
 kinds — pretraining, RecA, control — under two variants of one choice, measured in one run on
 small freshly rendered pools. Prints median seconds per step and the ratio B/A.
 
-    python scripts/bench_demo_step.py [--compare tokenizer|patch|threads|umm|smaller|mixture|lora] [--steps 25]
+    python scripts/bench_demo_step.py [--compare NAME] [--steps 25]
+
+NAME (default tokenizer) is one of:
 
 tokenizer: byte-level fallback (A) vs the word-level tokenizer (B), 2 threads; patch: the DiT's
 patch size 4 (A) vs 8 (B, the demo's), 2 threads; threads: the demo's config on 2 torch threads
@@ -11,7 +13,11 @@ umm: an earlier UMM, 4-layer LM and 6-block DiT (A), vs the next one's 2 and 4 (
 smaller: that 2-layer LM and 4-block DiT (A) vs the demo's 1 and 3 (B), one thread;
 mixture: fine-tuning at Harmon's 2 : 2 : 0 × 64 (A) vs the demo's 4 : 1 : 0 × 40 (B), one thread;
 lora: fine-tuning in full (A) vs with LoRA as the demo's LoRA arm runs it (B), one thread
-(pretraining is the same in both).
+(pretraining is the same in both);
+compile: the demo's config (A) vs with ``train.compile`` (B: torch.compile of the LM and the DiT),
+one thread — the medians leave out the first steps, so compiling's own time is printed apart;
+cache: the demo's config (A) vs with ``train.embedding_cache`` (B), one thread, each arm's cache
+warmed by a first run of B that is not timed.
 The reconstruction arm uses the demo's condition (``DemoSettings.keep_tokens``).
 """
 
@@ -81,6 +87,14 @@ def _harmon_mixture(cfg, arm):  # fine-tuning at Harmon's 2 : 2 : 0, 64 a step (
     return derive(demo.with_shares(cfg, demo.arm_shares(harmon, arm)), train={"batch_size": harmon.reca_batch})
 
 
+def _compile(cfg, arm):
+    return derive(cfg, train={"compile": True})
+
+
+def _cache(cfg, arm):
+    return derive(cfg, train={"embedding_cache": str(Path(cfg.train.output_dir).parent / f"embeddings-{arm}")})
+
+
 def _lora(cfg, arm):  # the demo's LoRA arm (demo.run.finetune_config); pretraining stays full
     if arm == "pretrain":
         return cfg
@@ -97,7 +111,10 @@ VARIANTS = {  # --compare: {label: (torch threads, config change)}, A then B
     # fine-tuning at Harmon's 2 : 2 : 0 × 64 against the demo's 4 : 1 : 0 × 40 (32 + 8); one thread
     "mixture": {"harmon-64": (1, _harmon_mixture), "demo-40": (1, _same)},
     "lora": {"full": (1, _same), "lora": (1, _lora)},
+    "compile": {"eager": (1, _same), "compiled": (1, _compile)},
+    "cache": {"encoder": (1, _same), "cached": (1, _cache)},
 }
+WARM = {"cache": "cached"}  # variants run once untimed first (their cache filled)
 
 
 def main() -> None:
@@ -113,12 +130,14 @@ def main() -> None:
         demo.write_pool(a.out / "data" / kind, kind, 512)
     save_word_tokenizer(demo.world_vocabulary(), a.out / "cache/tokenizer")
     times: dict[tuple[str, str], float] = {}
+    first_steps: dict[tuple[str, str], float] = {}
     variants = VARIANTS[a.compare]
     for label, (threads, change) in variants.items():
         torch.set_num_threads(threads)
         for arm, (batch, shares) in ARMS.items():
             run = a.out / f"run-{a.compare}-{label}-{arm}"
             shutil.rmtree(run, ignore_errors=True)
+            shutil.rmtree(a.out / f"embeddings-{arm}", ignore_errors=True)
             cfg = derive(
                 demo.base_config(a.out),
                 optim={"warmup_steps": 1},
@@ -134,14 +153,18 @@ def main() -> None:
             )
             cfg = change(demo.with_shares(cfg, shares), arm)
             validate(cfg)
+            if WARM.get(a.compare) == label:
+                fit(derive(cfg, train={"output_dir": f"{run}-warm"}))
             fit(cfg)
             steps = [json.loads(line)["time/step"] for line in (run / "log.jsonl").read_text().splitlines()]
             times[label, arm] = statistics.median(steps[5:])  # the first steps warm up allocators
+            first_steps[label, arm] = sum(steps[:5])
     (la, lb) = variants
-    print(f"\nmedian s/step ({a.compare})     {la:>8} {lb:>8}   B/A")
+    print(f"\nmedian s/step ({a.compare})     {la:>8} {lb:>8}   B/A   (first 5 steps, s: A, B)")
     for arm in ARMS:
         ta, tb = times[la, arm], times[lb, arm]
-        print(f"  {arm:<26} {ta:8.3f} {tb:8.3f}   {tb / ta:.2f}")
+        fa, fb = first_steps[la, arm], first_steps[lb, arm]
+        print(f"  {arm:<26} {ta:8.3f} {tb:8.3f}   {tb / ta:.2f}   ({fa:.1f}, {fb:.1f})")
 
 
 if __name__ == "__main__":

@@ -301,14 +301,48 @@ def test_runs_go_side_by_side_on_one_thread_each(jobs: int, cores: int, expected
     assert demo.workers_for(jobs, cores) == expected
 
 
+def _script(name: str, monkeypatch):
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(demo.__file__).parents[1] / "scripts"))
+    return importlib.import_module(name)
+
+
+def test_shape_diagnostic_finds_a_confused_image_and_caption(monkeypatch) -> None:
+    """scripts/demo_shapes.py's encoder tables on embeddings whose answer is known: one held-out
+    red circle placed on the red square's images, one caption on another pair's images."""
+    shapes = _script("demo_shapes", monkeypatch)
+    all_pairs = pairs("all")
+    labels = [k for k in range(len(all_pairs)) for _ in range(2)]  # 2 renders a pair: 1 centroid, 1 test
+    pooled = torch.eye(len(all_pairs))[labels]
+    red_circle, red_square = all_pairs.index(("circle", "red")), all_pairs.index(("square", "red"))
+    pooled[2 * red_circle + 1] = torch.eye(len(all_pairs))[red_square]
+    captions = torch.eye(len(all_pairs))
+    captions[0] = captions[5]
+    tables = shapes.encoder_tables(pooled, captions, labels, renders=2)
+    assert tables["nearest_image_centroid"]["circle"] == {"circle": 5, "square": 1} | dict.fromkeys(SHAPES[2:], 0)
+    assert sum(sum(row.values()) for row in tables["nearest_image_centroid"].values()) == len(all_pairs)
+    assert tables["captions_nearest_another_pair"] == {
+        f"a {all_pairs[0][1]} {all_pairs[0][0]}": f"a {all_pairs[5][1]} {all_pairs[5][0]}"
+    }
+
+
+def test_shape_diagnostic_runs_on_a_finished_run(quick_run, capsys, monkeypatch) -> None:
+    shapes = _script("demo_shapes", monkeypatch)
+    out, _, _ = quick_run
+    assert shapes.main(["--out", str(out), "--runs", "no-such-run"]) == 2
+    assert "no-such-run/final is missing" in capsys.readouterr().err
+    assert shapes.main(["--out", str(out), "--runs", "lora-reca-seed0", "--renders", "2"]) == 0
+    result = json.loads((out / "shapes.json").read_text())
+    rare, canonical = result["lora-reca-seed0"]["rare"], result["lora-reca-seed0"]["canonical"]
+    assert all(sum(rare[sh].values()) == 5 * 2 and sum(canonical[sh].values()) == 2 for sh in SHAPES)
+
+
 def test_ablation_script_runs_both_arms_on_the_dev_side_and_refuses_bad_keys(quick_run, capsys, monkeypatch) -> None:
     """scripts/demo_ablation.py from a finished run's pretrained model: RecA and control side by
     side, scored on the dev side only; an unknown setting is one line, exit 2."""
-    import importlib
-
     # importable by name: the spawned workers unpickle its functions by module name
-    monkeypatch.syspath_prepend(str(Path(demo.__file__).parents[1] / "scripts"))
-    ablation = importlib.import_module("demo_ablation")
+    ablation = _script("demo_ablation", monkeypatch)
     out, _, _ = quick_run
     small = ["reca_steps=2", "reca_batch=8", "samples=1", "renders=1", "sample_steps=1", "lr=1"]
     assert ablation.main(["--out", str(out), "--tag", "t", "--seeds", "0", *small]) == 2
