@@ -91,10 +91,19 @@ def per_pair_markdown(results: dict[str, list[dict]]) -> str:
     return "\n".join(head + rows) + "\n\nCell: colour+shape (right colour), pooled over the arm's seeds.\n"
 
 
-def curves(runs: dict[str, list[Path]], path: Path, title: str) -> bool:
+def pooled_interval(per_seed: list[float], images_per_seed: int) -> tuple[float, float]:
+    """Wilson 95 % interval of the images of all seeds pooled, from each seed's accuracy over
+    ``images_per_seed`` images."""
+    k = round(sum(per_seed) * images_per_seed)
+    return wilson_interval(k, images_per_seed * len(per_seed))
+
+
+def curves(runs: dict[str, list[Path]], path: Path, title: str, images: dict[str, int] | None = None) -> bool:
     """Rare and canonical colour+shape over fine-tuning steps, from each run's evaluations during
     training (``eval/rare``, ``eval/canonical`` in its log.jsonl): one thin line per seed, the
-    mean over seeds thick. False (and no file) when no run has evaluations."""
+    mean over seeds thick; with ``images`` (images per seed at each point, per tag) the mean's
+    Wilson 95 % band over the pooled images, which a few images per prompt make wide. False (and
+    no file) when no run has evaluations."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,6 +129,9 @@ def curves(runs: dict[str, list[Path]], path: Path, title: str) -> bool:
                 ax.plot([r["step"] for r in rows], ys, color=colour, lw=0.6, alpha=0.4)
             mean = [100 * float(np.mean([rows[i][f"eval/{tag}"] for rows in seeds])) for i in range(n)]
             ax.plot(steps, mean, color=colour, lw=2, label=f"{label} ({len(seeds)} seeds)")
+            if images:
+                band = [pooled_interval([rows[i][f"eval/{tag}"] for rows in seeds], images[tag]) for i in range(n)]
+                ax.fill_between(steps, *(100 * np.array(band)).T, color=colour, alpha=0.12, lw=0)
     for ax, name in zip(axes, ("rare prompts", "canonical prompts")):
         ax.set_title(f"{name}: colour+shape", fontsize=9)
         ax.set_xlabel("fine-tuning step")

@@ -732,7 +732,14 @@ def write_report(out, settings, variants, results, runs, probes, prep, timings) 
     probe_plot(probe_results, out / "probe.png")
     table = report.summarise(results)
     side = side_suffix(settings.split)
-    has_curves = report.curves(runs, out / f"curves{side}.png", f"{settings.split} side, evaluation during fine-tuning")
+    images = {"rare": len(pairs(settings.split)), "canonical": len(pairs("canonical"))}
+    has_curves = report.curves(
+        runs,
+        out / f"curves{side}.png",
+        f"{settings.split} side, evaluation during fine-tuning ({settings.curve_images} images a prompt; "
+        "bands: Wilson 95 % over all seeds' images)",
+        {tag: n * settings.curve_images for tag, n in images.items()},
+    )
     stages = prep["stages"]
     summary = {
         "settings": asdict(settings),

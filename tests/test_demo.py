@@ -241,6 +241,16 @@ def test_compare_trains_lora_beside_full_with_curves(quick_run, tmp_path: Path) 
     assert "![curves](curves.png)" in (compare / "report.md").read_text()
 
 
+def test_curve_bands_pool_the_images_of_every_seed() -> None:
+    from demo.report import pooled_interval
+    from eval.stats import wilson_interval
+
+    assert pooled_interval([0.5, 0.25, 0.75], 24) == wilson_interval(36, 72)
+    lo, hi = pooled_interval([0.5] * 3, 24)
+    one_lo, one_hi = wilson_interval(12, 24)
+    assert hi - lo < one_hi - one_lo  # three seeds' images, not one seed's
+
+
 def test_lora_arm_trains_an_adapter_and_loads_back(quick_run) -> None:
     """`--lora`: RecA through PEFT on the pretrained demo model; evaluation loads base + adapter."""
     out, settings, _ = quick_run
