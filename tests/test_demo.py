@@ -148,8 +148,11 @@ def test_quick_demo_runs_every_stage_and_caches_them(quick_run) -> None:
     assert (tmp_path / "lora-reca-seed0/final/adapter_config.json").is_file()  # the default arm is LoRA
     assert '"recon"' in reca_log and '"recon"' not in control_log and '"t2i"' in control_log
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}
-    demo.run(tmp_path, settings)  # every stage cached: nothing is recomputed
+    again = demo.run(tmp_path, settings)  # every stage cached: nothing is recomputed
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}
+    # and the re-run's report does not pass its reading time off as the runs' cost
+    finetuning = [[k for k in r["timings"] if k.startswith("fine-tuning")] for r in (report, again)]
+    assert [k[0].endswith("(all read from their records)") for k in finetuning] == [False, True]
 
 
 def test_a_cached_stage_made_from_other_settings_is_refused(quick_run) -> None:
